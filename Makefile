@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# installs what it needs on first use (CPU build of torch, faiss-cpu; see README for GPUs).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+GENSR  := $(VENV)/bin/gensr
+STAMP  := $(VENV)/.installed
+DATA   ?= data/ml100k
+RUN    ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch==2.13.0 must be resolved in the same command as everything that depends on it
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cpu,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(GENSR) prepare --dataset ml100k --out $(DATA) --overwrite
+	$(GENSR) eval --data $(DATA) --baselines --out $(RUN)/results.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

@@ -1,0 +1,121 @@
+"""The on-disk data contract that every stage after `gensr prepare` reads.
+
+A prepared dataset is a directory::
+
+    DIR/
+      meta.json                      counts, seed, source, schema version, drop counts
+      README.md                      provenance of the data (written by the builder)
+      items/part-00000.parquet       ITEMS_SCHEMA, one row per item, item_id = row index
+      users/part-00000.parquet       USERS_SCHEMA, user_id = row index
+      interactions/part-*.parquet    INTERACTIONS_SCHEMA, sorted by (user_id, timestamp)
+      examples/{train,valid,test}/part-*.parquet   EXAMPLES_SCHEMA, both tasks mixed
+      cf/lightgcn.npz                frozen LightGCN tables (see gensr_ray.cf)
+
+Item and user ids are contiguous integers (0..n-1) so they index embedding tables and faiss
+indexes directly; the dataset's own ids are kept in `raw_id`. Example splits are written as
+several parquet files of at most `rows_per_shard` rows so that Ray Data can read them in
+parallel, shard by shard, on many workers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+MAX_HISTORY = 20
+TRAIN_NEGATIVES = 4
+EVAL_NEGATIVES = 99
+SPLITS = ("train", "valid", "test")
+TASKS = ("search", "rec")
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.int32()),
+        ("raw_id", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+    ]
+)
+USERS_SCHEMA = pa.schema([("user_id", pa.int32()), ("raw_id", pa.string())])
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int32()),
+        ("item_id", pa.int32()),
+        ("task", pa.string()),  # 'search' | 'rec'
+        ("query", pa.string()),  # null for rec
+        ("timestamp", pa.int64()),
+        ("split", pa.string()),  # 'train' | 'valid' | 'test'
+    ]
+)
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.int64()),
+        ("user_id", pa.int32()),
+        ("task", pa.string()),
+        ("query", pa.string()),
+        ("timestamp", pa.int64()),
+        # previous <= MAX_HISTORY items of both tasks, oldest first; only interactions from
+        # this example's split or an earlier one, so validation/test never reach training.
+        ("history", pa.list_(pa.int32())),
+        ("target", pa.int32()),
+        # TRAIN_NEGATIVES (train) or EVAL_NEGATIVES (valid/test) items the user never touched
+        ("negatives", pa.list_(pa.int32())),
+    ]
+)
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file (and row) and says what is wrong."""
+
+
+def items_dir(root: Path) -> Path:
+    return Path(root) / "items"
+
+
+def users_dir(root: Path) -> Path:
+    return Path(root) / "users"
+
+
+def interactions_dir(root: Path) -> Path:
+    return Path(root) / "interactions"
+
+
+def examples_dir(root: Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return Path(root) / "examples" / split
+
+
+def cf_path(root: Path) -> Path:
+    return Path(root) / "cf" / "lightgcn.npz"
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The parquet shards of one table, in order."""
+    return sorted(Path(directory).glob("part-*.parquet"))
+
+
+def read_meta(root: Path) -> dict:
+    path = Path(root) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{root}: not a prepared dataset (no meta.json); run `gensr prepare` first")
+    meta = json.loads(path.read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: schema_version {meta.get('schema_version')} but this gensr_ray reads "
+            f"{SCHEMA_VERSION}; prepare the dataset again"
+        )
+    return meta
+
+
+def read_table(directory: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read every shard of one table into memory (small tables and tests; training streams)."""
+    import pyarrow.parquet as pq
+
+    files = shard_files(directory)
+    if not files:
+        raise DataError(f"{directory}: no part-*.parquet shards")
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)

