@@ -1,0 +1,277 @@
+"""Evaluate any scorer on a prepared dataset under both protocols; write JSON and a text table.
+
+Sampled protocol (the paper's): rank the target among the split's stored negatives.
+Full-catalogue protocol: retrieve the top K items out of the whole catalogue, skipping items the
+user already interacted with in earlier splits, and look for the target.
+
+A scorer is anything with `name`, `tasks`, and
+    score(batch, candidates [n, c] int) -> scores [n, c]
+    retrieve(batch, k, exclude_per_example: list[int array]) -> item ids [n, k], best first
+so a model that is not an inner product (GenSR reranking retrieved candidates) plugs in beside the
+baselines. `DenseScorer` adapts the inner-product baselines of `baselines.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gensr_ray.data import contract
+from gensr_ray.data.contract import DataError
+from gensr_ray.eval.metrics import DEFAULT_KS, full_metrics, sampled_metrics, sampled_ranks
+
+log = logging.getLogger(__name__)
+
+# Examples scored per call: bounds the memory of dense query matrices (BM25's is [n, vocab]).
+CHUNK = 1024
+# Earlier splits whose interactions the full-catalogue protocol excludes.
+_EARLIER = {"valid": ("train",), "test": ("train", "valid")}
+
+
+def load_eval_examples(data_dir: Path, split: str) -> dict[str, dict]:
+    """One batch per task present in examples/<split> (tasks without examples are left out)."""
+    if split not in _EARLIER:
+        raise ValueError(f"evaluation split must be 'valid' or 'test'; got {split!r}")
+    directory = contract.examples_dir(data_dir, split)
+    table = contract.read_table(
+        directory, columns=["user_id", "task", "query", "history", "target", "negatives"]
+    )
+    task = np.asarray(table.column("task").to_pylist(), dtype=object)
+    user_id = table.column("user_id").to_numpy().astype(np.int64)
+    query = table.column("query").to_pylist()
+    history = table.column("history").to_pylist()
+    target = table.column("target").to_numpy().astype(np.int64)
+    negatives = table.column("negatives").to_pylist()
+    batches: dict[str, dict] = {}
+    for name in contract.TASKS:
+        rows = np.flatnonzero(task == name)
+        if rows.size == 0:
+            continue
+        widths = {len(negatives[r]) for r in rows}
+        if len(widths) != 1 or 0 in widths:
+            raise DataError(
+                f"{directory}: {name} examples have {sorted(widths)} negatives; every example of "
+                "a split must store the same non-zero number"
+            )
+        batches[name] = {
+            "user_id": user_id[rows],
+            "query": [query[r] for r in rows],
+            "history": [np.asarray(history[r], dtype=np.int64) for r in rows],
+            "target": target[rows],
+            "negatives": np.asarray([negatives[r] for r in rows], dtype=np.int64),
+        }
+    unknown = set(task.tolist()) - set(contract.TASKS)
+    if unknown:
+        raise DataError(f"{directory}: unknown task values {sorted(unknown)}")
+    return batches
+
+
+def exclusions(data_dir: Path, split: str) -> dict[int, np.ndarray]:
+    """Per user, the sorted item ids of their interactions in splits before `split`."""
+    if split not in _EARLIER:
+        raise ValueError(f"evaluation split must be 'valid' or 'test'; got {split!r}")
+    table = contract.read_table(
+        contract.interactions_dir(data_dir), columns=["user_id", "item_id", "split"]
+    )
+    earlier = np.isin(table.column("split").to_numpy(zero_copy_only=False), _EARLIER[split])
+    users = table.column("user_id").to_numpy()[earlier].astype(np.int64)
+    items = table.column("item_id").to_numpy()[earlier].astype(np.int64)
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    uniq, starts = np.unique(users, return_index=True)
+    ends = np.r_[starts[1:], users.size]
+    return {int(u): np.unique(items[s:e]) for u, s, e in zip(uniq, starts, ends)}
+
+
+class DenseScorer:
+    """Adapts an inner-product model (`baselines.py`) to the scorer interface."""
+
+    def __init__(self, model):
+        self.model = model
+        self.name = model.name
+        self.tasks = tuple(model.tasks)
+        self._items: np.ndarray | None = None
+        self._index = None
+
+    def _item_vectors(self) -> np.ndarray:
+        if self._items is None:
+            self._items = np.ascontiguousarray(self.model.item_vectors(), dtype=np.float32)
+        return self._items
+
+    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        queries = self.model.query_vectors(batch)  # [n, d]
+        items = self._item_vectors()  # [n_items, d]
+        candidates = np.asarray(candidates, dtype=np.int64)
+        # Gathering candidate vectors costs n*c*d memory, scoring the catalogue n*n_items; take
+        # the smaller (BM25's d is the vocabulary, larger than an ml-100k catalogue).
+        if candidates.shape[1] * items.shape[1] <= items.shape[0]:
+            return np.einsum("nd,ncd->nc", queries, items[candidates])
+        return np.take_along_axis(queries @ items.T, candidates, axis=1)
+
+    def retrieve(self, batch: dict, k: int, exclude_per_example: list[np.ndarray]) -> np.ndarray:
+        from gensr_ray.eval.retrieval import build_ip_index, topk_excluding
+
+        if self._index is None:  # built once, reused for every task and chunk
+            self._index = build_ip_index(self._item_vectors())
+        return topk_excluding(self._index, self.model.query_vectors(batch), k, exclude_per_example)
+
+
+def _chunk(batch: dict, lo: int, hi: int) -> dict:
+    return {key: value[lo:hi] for key, value in batch.items()}
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: round(float(value), 4) for key, value in metrics.items()}
+
+
+def evaluate(
+    data_dir: Path,
+    split: str,
+    scorers: dict,
+    ks: Sequence[int] = DEFAULT_KS,
+    full_k: int | None = None,
+) -> dict:
+    """Sampled and full-catalogue metrics of every scorer on every task it answers.
+
+    full_k: how many items to retrieve in the full protocol (default and minimum: max(ks)).
+    Returns {"split", "num_examples": {task: n}, "models": {name: {task: {"sampled": {...},
+    "full": {...}}}}}, floats rounded to 4 decimals.
+    """
+    ks = tuple(sorted(set(ks)))
+    full_k = max(ks) if full_k is None else full_k
+    if full_k < max(ks):
+        raise ValueError(f"full_k={full_k} is below the largest K {max(ks)}")
+    batches = load_eval_examples(data_dir, split)
+    seen = exclusions(data_dir, split)
+    empty = np.zeros(0, dtype=np.int64)
+    # The example's own target is never excluded: if the user met the item before (e.g. through
+    # the other task), excluding it would make the example unanswerable rather than harder.
+    excluded = {
+        task: [
+            np.setdiff1d(seen.get(int(u), empty), [t])
+            for u, t in zip(batch["user_id"], batch["target"])
+        ]
+        for task, batch in batches.items()
+    }
+    results: dict = {
+        "split": split,
+        "num_examples": {task: len(batches[task]["target"]) if task in batches else 0
+                         for task in contract.TASKS},
+        "models": {},
+    }
+    for name, scorer in scorers.items():
+        per_task: dict = {}
+        for task in scorer.tasks:
+            if task not in batches:
+                continue
+            batch = batches[task]
+            n = len(batch["target"])
+            ranks, retrieved = [], []
+            for lo in range(0, n, CHUNK):
+                part = _chunk(batch, lo, lo + CHUNK)
+                candidates = np.concatenate([part["target"][:, None], part["negatives"]], axis=1)
+                scores = np.asarray(scorer.score(part, candidates), dtype=np.float64)
+                ranks.append(sampled_ranks(scores[:, 0], scores[:, 1:]))
+                retrieved.append(scorer.retrieve(part, full_k, excluded[task][lo : lo + CHUNK]))
+            per_task[task] = {
+                "sampled": _round(sampled_metrics(np.concatenate(ranks), ks)),
+                "full": _round(full_metrics(np.concatenate(retrieved), batch["target"], ks)),
+            }
+            log.info("evaluated %s on %s/%s (%d examples)", name, split, task, n)
+        results["models"][name] = per_task
+    return results
+
+
+def format_table(results: dict) -> str:
+    """One plain-text table: a row per model, a column per task/protocol/metric at K=10 and 20
+    (or at every K evaluated if neither was); '-' where a model does not answer a task."""
+    present: set[int] = set()
+    for per_task in results["models"].values():
+        for protocols in per_task.values():
+            present |= {int(key.split("@")[1]) for key in protocols["sampled"]}
+    table_ks = [k for k in (10, 20) if k in present] or sorted(present)
+    columns = [
+        (task, protocol, metric, k)
+        for task in contract.TASKS
+        for protocol, metrics in (("sampled", ("HR", "NDCG")), ("full", ("Recall", "NDCG")))
+        for k in table_ks
+        for metric in metrics
+    ]
+    headers = ["model"] + [f"{t}/{p}/{m}@{k}" for t, p, m, k in columns]
+    rows = []
+    for name, per_task in results["models"].items():
+        row = [name]
+        for task, protocol, metric, k in columns:
+            value = per_task.get(task, {}).get(protocol, {}).get(f"{metric}@{k}")
+            row.append("-" if value is None else f"{value:.4f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    counts = ", ".join(f"{task} {n}" for task, n in results["num_examples"].items())
+    out = [f"split {results['split']} ({counts} examples)", line(headers)]
+    out.append("  ".join("-" * w for w in widths))
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def write_results(results: dict, path: Path) -> None:
+    """Write results as JSON atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
+    """popularity, lightgcn and bm25 scorers for a prepared dataset.
+
+    LightGCN tables are read from cf/lightgcn.npz; when that file is missing they are trained
+    with the default config (train split only) and saved there, so later runs reuse them.
+    """
+    from gensr_ray.cf.lightgcn import LightGCNConfig, load_cf, save_cf, train_lightgcn
+    from gensr_ray.eval.baselines import BM25, LightGCNBaseline, Popularity
+
+    items = contract.read_table(contract.items_dir(data_dir), columns=["item_id", "text"])
+    n_items = items.num_rows
+    table = contract.read_table(
+        contract.interactions_dir(data_dir), columns=["item_id", "split"]
+    )
+    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
+    item_ids = table.column("item_id").to_numpy()[train].astype(np.int64)
+    if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= n_items):
+        raise DataError(f"{contract.interactions_dir(data_dir)}: item ids outside 0..{n_items - 1}")
+    counts = np.bincount(item_ids, minlength=n_items)
+
+    path = contract.cf_path(data_dir)
+    if path.is_file():
+        cf = load_cf(path)
+    else:
+        log.info("no LightGCN tables at %s; training them now (train split only)", path)
+        cf = train_lightgcn(data_dir, LightGCNConfig())
+        save_cf(cf, path)
+        log.info("saved LightGCN tables to %s", path)
+    if cf.item_emb.shape[0] != n_items:
+        raise DataError(
+            f"{path}: {cf.item_emb.shape[0]} items but the items table has {n_items}; the tables "
+            "belong to another dataset, delete the file to retrain"
+        )
+    texts = [text or "" for text in items.column("text").to_pylist()]
+    models = [Popularity(counts), LightGCNBaseline(cf), BM25(texts)]
+    return {model.name: DenseScorer(model) for model in models}
