@@ -3,6 +3,8 @@
     gensr prepare --dataset ml100k --out data/ml100k
     gensr pretrain-cf --data data/ml100k
     gensr eval --data data/ml100k --baselines --out results.json
+    gensr train --config configs/debug.yaml --out runs/debug [--set train.lr=3e-4 ...]
+    gensr eval --checkpoint runs/debug/checkpoint --out results.json [--baselines]
 """
 
 from __future__ import annotations
@@ -15,39 +17,50 @@ from pathlib import Path
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    prepare_dataset(args.dataset, args.out, seed=args.seed, source=args.source,
+                    search_fraction=args.search_fraction, rows_per_shard=args.rows_per_shard,
+                    with_cf=not args.no_cf, overwrite=args.overwrite)
+
+
+def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None = None,
+                    search_fraction: float | None = None, rows_per_shard: int = 8192,
+                    with_cf: bool = True, overwrite: bool = False) -> dict:
+    """Build a dataset in the contract (+ its LightGCN tables); prints a summary."""
     from gensr_ray.data.build import WriteOptions, write_dataset
 
     started = time.perf_counter()
-    if args.dataset == "ml100k":
+    if dataset == "ml100k":
         from gensr_ray.data.movielens import SEARCH_FRACTION, load_ml100k
 
-        fraction = SEARCH_FRACTION if args.search_fraction is None else args.search_fraction
-        raw = load_ml100k(args.source, seed=args.seed, search_fraction=fraction)
-    else:
+        fraction = SEARCH_FRACTION if search_fraction is None else search_fraction
+        raw = load_ml100k(source, seed=seed, search_fraction=fraction)
+    elif dataset == "synthetic":
         from gensr_ray.data.synthetic import generate_synthetic
 
-        kwargs = {} if args.search_fraction is None else {"search_fraction": args.search_fraction}
-        raw = generate_synthetic(seed=args.seed, **kwargs)
+        kwargs = {} if search_fraction is None else {"search_fraction": search_fraction}
+        raw = generate_synthetic(seed=seed, **kwargs)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected ml100k or synthetic")
 
     after_build = None
-    if not args.no_cf:
+    if with_cf:
         def after_build(tmp_dir: Path) -> None:
             from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
             from gensr_ray.data.contract import cf_path
 
             t0 = time.perf_counter()
-            save_cf(train_lightgcn(tmp_dir, LightGCNConfig(seed=args.seed)), cf_path(tmp_dir))
+            save_cf(train_lightgcn(tmp_dir, LightGCNConfig(seed=seed)), cf_path(tmp_dir))
             print(f"LightGCN pretrained on the training split in {time.perf_counter() - t0:.1f}s")
 
-    opts = WriteOptions(seed=args.seed, rows_per_shard=args.rows_per_shard,
-                        overwrite=args.overwrite)
-    meta = write_dataset(raw, args.out, opts, after_build=after_build)
+    opts = WriteOptions(seed=seed, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    meta = write_dataset(raw, out, opts, after_build=after_build)
     counts = meta["counts"]
-    print(f"prepared {args.dataset} in {args.out} ({time.perf_counter() - started:.1f}s): "
+    print(f"prepared {dataset} in {out} ({time.perf_counter() - started:.1f}s): "
           f"{counts['users']} users, {counts['items']} items, "
           f"{counts['interactions']['search']} search / {counts['interactions']['rec']} rec events")
     for split, by_task in counts["examples"].items():
         print(f"  {split:5s} examples: search {by_task['search']:6d}  rec {by_task['rec']:6d}")
+    return meta
 
 
 def _pretrain_cf(args: argparse.Namespace) -> None:
@@ -65,15 +78,85 @@ def _eval(args: argparse.Namespace) -> None:
     from gensr_ray.data.contract import read_meta
     from gensr_ray.eval.harness import build_baselines, evaluate, format_table, write_results
 
-    if not args.baselines:
-        raise SystemExit("gensr eval: nothing to evaluate; pass --baselines")
-    read_meta(args.data)
+    if not (args.checkpoint or args.baselines):
+        raise SystemExit("gensr eval: nothing to evaluate; pass --checkpoint and/or --baselines")
     started = time.perf_counter()
-    results = evaluate(args.data, args.split, build_baselines(args.data))
+    cfg = None
+    if args.checkpoint:
+        from gensr_ray.checkpoint import read_checkpoint_config
+
+        cfg = read_checkpoint_config(args.checkpoint)
+    data = args.data or (Path(cfg.data.path) if cfg else None)
+    if data is None:
+        raise SystemExit("gensr eval: --data is required with --baselines alone")
+    read_meta(data)
+    baselines = build_baselines(data)
+    scorers = dict(baselines) if args.baselines else {}
+    max_examples, seed = args.max_examples, 0
+    if cfg is not None:
+        from gensr_ray.checkpoint import load_for_eval
+        from gensr_ray.eval.gensr_scorer import GenSRScorer
+
+        if data != Path(cfg.data.path):
+            cfg.data.path = str(data)
+        model, backbone, cfg = load_for_eval(args.checkpoint, cfg)
+        stage = {"rec": baselines[cfg.eval.first_stage],
+                 "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
+        scorers["gensr"] = GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth,
+                                       cfg.eval.batch_size)
+        max_examples = cfg.eval.max_examples if max_examples is None else max_examples
+        seed = cfg.eval.seed
+    results = evaluate(data, args.split or (cfg.eval.split if cfg else "test"), scorers,
+                       max_examples=max_examples or 0, seed=seed)
+    if args.checkpoint:
+        results["checkpoint"] = str(args.checkpoint)
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
         print(f"results written to {args.out} ({time.perf_counter() - started:.1f}s)")
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from gensr_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    cfg.data.path = str(Path(cfg.data.path).resolve())  # workers may run elsewhere
+    if not Path(cfg.data.path).exists():
+        if not cfg.data.prepare_if_missing:
+            raise SystemExit(f"gensr train: data.path {cfg.data.path} does not exist; run "
+                             "`gensr prepare` first or set data.prepare_if_missing")
+        prepare_dataset(cfg.data.prepare_if_missing, Path(cfg.data.path))
+    result = run_training(cfg, args.out)
+    print(f"final metrics: {json.dumps(result['metrics'], default=float)}")
+    print(f"final checkpoint: {result['checkpoint']}")
+
+
+def run_training(cfg, out: Path) -> dict:
+    """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/)."""
+    import json
+    import shutil
+
+    from gensr_ray.distributed import fit
+    from gensr_ray.model.build import resolve_config_backbone
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(cfg, out, resolve_config_backbone(cfg))
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    if cfg.scale.num_workers == 0:  # local mode keeps the checkpoint in a temporary dir
+        final = out / "checkpoint_final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.move(str(checkpoint), final)
+        checkpoint = final
+    summary = {"checkpoint": str(checkpoint), "metrics": result.metrics}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_pretrain_cf)
 
-    p = sub.add_parser("eval", help="evaluate baselines (and later checkpoints) on a split")
-    p.add_argument("--data", type=Path, required=True)
+    p = sub.add_parser("train", help="train GenSR with Ray Train + DeepSpeed")
+    p.add_argument("--config", type=Path, required=True, help="YAML config (configs/)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a gensr train checkpoint")
+    p.add_argument("--data", type=Path, default=None,
+                   help="prepared dataset (default: the checkpoint's)")
     p.add_argument("--baselines", action="store_true",
                    help="popularity, LightGCN and BM25 in the same harness")
-    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--split", choices=["valid", "test"], default=None,
+                   help="default: the checkpoint config's eval.split, else test")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="seeded subset of examples per task (default: eval.max_examples)")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     p.set_defaults(func=_eval)
     return parser
@@ -115,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gensr_ray.config import ConfigError
     from gensr_ray.data.contract import DataError
 
     try:
         args.func(args)
-    except (DataError, FileExistsError) as exc:
+    except (DataError, ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"gensr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -34,14 +34,21 @@ CHUNK = 1024
 _EARLIER = {"valid": ("train",), "test": ("train", "valid")}
 
 
-def load_eval_examples(data_dir: Path, split: str) -> dict[str, dict]:
-    """One batch per task present in examples/<split> (tasks without examples are left out)."""
+def load_eval_examples(data_dir: Path, split: str, max_examples: int = 0,
+                       seed: int = 0) -> dict[str, dict]:
+    """One batch per task present in examples/<split> (tasks without examples are left out).
+
+    max_examples > 0 keeps a seeded random subset of that many examples per task (in their
+    stored order), for models too slow to score every example.
+    """
     if split not in _EARLIER:
         raise ValueError(f"evaluation split must be 'valid' or 'test'; got {split!r}")
     directory = contract.examples_dir(data_dir, split)
     table = contract.read_table(
-        directory, columns=["user_id", "task", "query", "history", "target", "negatives"]
+        directory,
+        columns=["example_id", "user_id", "task", "query", "history", "target", "negatives"],
     )
+    example_id = table.column("example_id").to_numpy().astype(np.int64)
     task = np.asarray(table.column("task").to_pylist(), dtype=object)
     user_id = table.column("user_id").to_numpy().astype(np.int64)
     query = table.column("query").to_pylist()
@@ -53,6 +60,9 @@ def load_eval_examples(data_dir: Path, split: str) -> dict[str, dict]:
         rows = np.flatnonzero(task == name)
         if rows.size == 0:
             continue
+        if 0 < max_examples < rows.size:
+            rng = np.random.default_rng([seed, contract.TASKS.index(name)])
+            rows = np.sort(rng.choice(rows, size=max_examples, replace=False))
         widths = {len(negatives[r]) for r in rows}
         if len(widths) != 1 or 0 in widths:
             raise DataError(
@@ -60,6 +70,8 @@ def load_eval_examples(data_dir: Path, split: str) -> dict[str, dict]:
                 "a split must store the same non-zero number"
             )
         batches[name] = {
+            "example_id": example_id[rows],
+            "task": [name] * rows.size,
             "user_id": user_id[rows],
             "query": [query[r] for r in rows],
             "history": [np.asarray(history[r], dtype=np.int64) for r in rows],
@@ -136,6 +148,8 @@ def evaluate(
     scorers: dict,
     ks: Sequence[int] = DEFAULT_KS,
     full_k: int | None = None,
+    max_examples: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Sampled and full-catalogue metrics of every scorer on every task it answers.
 
@@ -147,7 +161,7 @@ def evaluate(
     full_k = max(ks) if full_k is None else full_k
     if full_k < max(ks):
         raise ValueError(f"full_k={full_k} is below the largest K {max(ks)}")
-    batches = load_eval_examples(data_dir, split)
+    batches = load_eval_examples(data_dir, split, max_examples, seed)
     seen = exclusions(data_dir, split)
     empty = np.zeros(0, dtype=np.int64)
     # The example's own target is never excluded: if the user met the item before (e.g. through
@@ -161,6 +175,7 @@ def evaluate(
     }
     results: dict = {
         "split": split,
+        "subset": {"max_examples_per_task": max_examples, "seed": seed} if max_examples else None,
         "num_examples": {task: len(batches[task]["target"]) if task in batches else 0
                          for task in contract.TASKS},
         "models": {},

@@ -1,0 +1,196 @@
+"""Typed configuration: nested dataclasses, YAML values, dotted `--set a.b=c` overrides.
+
+The same `load_config` + `apply_overrides` serve the CLI, Tune trials and tests; unknown keys
+are errors, and every field says what it is for in its `help` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/synthetic", "prepared dataset directory (gensr prepare --out)")
+    prepare_if_missing: str = _f("", "dataset to prepare into `path` when it does not exist "
+                                     "(ml100k | synthetic; empty: fail instead)")
+    title_tokens: int = _f(10, "tokens per history title in the semantic view (cut or padded)")
+    target_title_tokens: int = _f(32, "tokens of the candidate title for its mean embedding")
+    prompt_title_tokens: int = _f(12, "tokens per title when titles are written into the prompt")
+    shuffle_seed: int = _f(0, "seed of the per-epoch shuffle of training examples (-1: no shuffle)")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("preset:tiny-llama",
+                       "local HF model directory, or preset:NAME (tiny-llama, tiny-t5, "
+                       "smollm2-135m, smollm2-135m-L<n> for its first n layers)")
+    prompt: str = _f("authors", "prompt design by name (gensr_ray.model.prompts.PROMPTS)")
+    subspace: str = _f("shared_lora",
+                       "shared_lora | task_lora | task_and_shared_lora | full")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: list = _f(["q_proj", "v_proj"], "module names LoRA wraps (T5: q, v)")
+    cf_dim: int = _f(64, "LightGCN embedding width")
+    cf_heads: int = _f(2, "heads of the 1-layer CF history transformer")
+    sem_heads: int = _f(2, "heads of the 1-layer semantic history transformer")
+    use_cf: bool = _f(True, "collaborative view (False: its soft tokens are zero vectors)")
+    use_sem: bool = _f(True, "semantic view (False: its soft token is a zero vector)")
+    query_in_prompt: bool = _f(True, "insert the query into search prompts (False reproduces "
+                                     "the authors' bug: search prompts are query-blind)")
+
+
+@dataclass
+class LossConfig:
+    contrastive_weight: float = _f(0.01, "lambda of the CF/semantic InfoNCE term")
+    temperature: float = _f(0.07, "InfoNCE temperature")
+    authors_layernorm: bool = _f(False, "reproduce the authors' LayerNorm after L2 "
+                                        "normalisation (logits near 1e4); not a true cosine")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "passes over the training examples")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int = _f(20, "pointwise rows per worker per micro-batch (1 example = "
+                             "1 positive + its stored negatives)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(1e-3, "AdamW weight decay")
+    warmup_steps: int = _f(200, "linear warm-up steps")
+    grad_clip: float = _f(1.0, "gradient clipping norm")
+    negatives_per_example: int = _f(4, "stored negatives used per training example (<= 4)")
+    seed: int = _f(42, "seed of model init and data order")
+    log_every: int = _f(10, "report metrics every N optimizer steps")
+    checkpoint_every: int = _f(0, "checkpoint every N optimizer steps (0: each epoch end)")
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = _f(1, "Ray Train workers (0: Ray Train local mode, in this process)")
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL; False: CPU accelerator and gloo")
+    cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; leave some for Ray Data")
+    zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
+    bf16: bool = _f(False, "bf16 mixed precision (GPUs)")
+    fused_adam: bool = _f(False, "DeepSpeed FusedAdam (compiles; GPUs) instead of torch AdamW")
+    offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer states to CPU (compiles)")
+    storage_path: str = _f("", "where Ray Train persists checkpoints (local dir or s3://, "
+                               "gs://); empty: <out>/ray")
+    max_failures: int = _f(0, "worker-group restarts from the latest checkpoint on failure")
+    num_to_keep: int = _f(2, "checkpoints kept")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _f("test", "valid | test")
+    max_examples: int = _f(0, "seeded subset of examples per task (0: all)")
+    seed: int = _f(0, "seed of that subset")
+    batch_size: int = _f(200, "rows per scoring forward pass")
+    rerank_depth: int = _f(50, "first-stage candidates GenSR reranks in the full protocol")
+    first_stage: str = _f("lightgcn", "dense first stage of the full protocol: lightgcn | "
+                                      "popularity (bm25 too for search)")
+    first_stage_search: str = _f("", "first stage for search only (empty: first_stage)")
+
+
+@dataclass
+class GenSRConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
+    """Build a (nested) config dataclass from plain data, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = from_dict(value or {}, kind, key)
+        else:
+            values[name] = _coerce(value, kind, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> GenSRConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return apply_overrides(from_dict(data), overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def apply_overrides(config: GenSRConfig, overrides: list[str] | dict) -> GenSRConfig:
+    """Return a copy with `a.b=c` overrides applied (values parsed as YAML scalars)."""
+    data = config.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for dotted, value in items:
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: unknown section {part!r}")
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"override {dotted!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def _split(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    key, raw = override.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)

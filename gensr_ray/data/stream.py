@@ -1,0 +1,65 @@
+"""Ray Data: stream the prepared example shards to training workers as pointwise rows.
+
+The parquet shards are read in parallel, each example is expanded into its target and stored
+negatives and tokenized in Ray Data tasks (CPU side); workers receive their share through
+`get_dataset_shard` and only pad rows into tensors. No process ever holds the whole split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from gensr_ray.config import GenSRConfig, from_dict
+from gensr_ray.data import contract
+
+EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
+_ENCODERS: dict = {}  # per-process cache: tokenizer and item titles load once per task process
+
+
+def _encoder(cfg: GenSRConfig, backbone_dir: str):
+    key = (backbone_dir, cfg.data.path, cfg.model.prompt, cfg.model.query_in_prompt,
+           cfg.data.prompt_title_tokens)
+    if key not in _ENCODERS:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from gensr_ray.model.build import build_features
+
+        tokenizer = AutoTokenizer.from_pretrained(backbone_dir, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        seq2seq = AutoConfig.from_pretrained(backbone_dir, local_files_only=True).is_encoder_decoder
+        encoder, _ = build_features(cfg, tokenizer, "encoder-decoder" if seq2seq else "decoder")
+        _ENCODERS[key] = encoder
+    return _ENCODERS[key]
+
+
+def encode_examples(batch: dict[str, np.ndarray], cfg: dict, backbone_dir: str) -> pa.Table:
+    """A batch of examples -> a table of pointwise rows (map_batches function)."""
+    config = from_dict(cfg)
+    rows = _encoder(config, backbone_dir).encode(
+        batch, negatives_per_example=config.train.negatives_per_example)
+    return pa.table({
+        "example_id": pa.array(rows["example_id"], pa.int64()),
+        "task": pa.array(rows["task"], pa.int8()),
+        "history": pa.array(rows["history"], pa.list_(pa.int32())),
+        "target": pa.array(rows["target"], pa.int32()),
+        "label": pa.array(rows["label"], pa.float32()),
+        "prompt_ids": pa.array(rows["prompt_ids"], pa.list_(pa.int32())),
+        "prompt_slots": pa.array(rows["prompt_slots"], pa.list_(pa.int8())),
+        "prefix_len": pa.array(rows["prefix_len"], pa.int32()),
+    })
+
+
+def training_dataset(cfg: GenSRConfig, backbone_dir: str):
+    """The training split as a lazily executed Ray Dataset of pointwise rows."""
+    import ray.data
+
+    files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
+    if not files:
+        raise contract.DataError(f"{cfg.data.path}: no training example shards")
+    ds = ray.data.read_parquet(files, columns=EXAMPLE_COLUMNS)
+    if cfg.data.shuffle_seed >= 0:
+        ds = ds.randomize_block_order(seed=cfg.data.shuffle_seed)
+    return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
+                          fn_kwargs={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir})

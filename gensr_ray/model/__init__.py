@@ -1,0 +1,1 @@
+"""GenSR in plain torch: backbones, prompt designs, the model and its losses."""

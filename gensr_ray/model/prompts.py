@@ -1,0 +1,133 @@
+"""Prompt designs, chosen by name in config, and their assembly into token ids + soft slots.
+
+A template is text with two kinds of placeholders:
+- text: {history_titles}, {target_title}, {query} — written into the prompt as tokens;
+- soft: <CF_HIST>, <SEM_HIST>, <CF_TARGET>, <TITLE_EMB> — one position each, whose input
+  embedding the model replaces with the CF history vector, the semantic history vector, the
+  candidate's projected CF vector and the candidate's mean title embedding.
+
+Assembly works on pre-tokenized pieces (static template text, item titles, the query), so a
+row costs a few list concatenations: it runs on the CPU side of the data pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SOFT_TOKENS = ("<CF_HIST>", "<SEM_HIST>", "<CF_TARGET>", "<TITLE_EMB>")  # slots 1..4
+TEXT_FIELDS = ("{history_titles}", "{target_title}", "{query}")
+BLIND_QUERY = "<query>"  # what query-blind search prompts show (the authors' bug)
+
+_AUTHORS_HEAD = ("A user has given high ratings to the following items: {history_titles}. "
+                 "The semantic features of these items are <SEM_HIST>, and their collaborative "
+                 "features are <CF_HIST>. ")
+_AUTHORS_ITEM = ("the item {target_title} with the semantic feature <TITLE_EMB> and the "
+                 "collaborative feature <CF_TARGET>")
+_ANSWER = ' Answer with "Yes" or "No". Answer:'
+
+PROMPTS: dict[str, dict[str, str]] = {
+    # The authors' wording, in structure, with the query actually inserted.
+    "authors": {
+        "rec": _AUTHORS_HEAD + "Would the user enjoy " + _AUTHORS_ITEM + "?" + _ANSWER,
+        "search": _AUTHORS_HEAD + 'Based on the query "{query}", would the user enjoy '
+                  + _AUTHORS_ITEM + "?" + _ANSWER,
+    },
+    # The authors' wording without the history titles: shorter, the views carry the history.
+    "no_history_titles": {
+        "rec": "A user's history has semantic features <SEM_HIST> and collaborative features "
+               "<CF_HIST>. Would the user enjoy " + _AUTHORS_ITEM + "?" + _ANSWER,
+        "search": "A user's history has semantic features <SEM_HIST> and collaborative "
+                  'features <CF_HIST>. Based on the query "{query}", would the user enjoy '
+                  + _AUTHORS_ITEM + "?" + _ANSWER,
+    },
+    # Text only: titles and query, no soft tokens (the views are unused).
+    "no_soft_tokens": {
+        "rec": "A user has given high ratings to the following items: {history_titles}. "
+               "Would the user enjoy the item {target_title}?" + _ANSWER,
+        "search": "A user has given high ratings to the following items: {history_titles}. "
+                  'Based on the query "{query}", would the user enjoy the item '
+                  "{target_title}?" + _ANSWER,
+    },
+    # As short as it gets: the soft tokens, the candidate title and the query.
+    "minimal": {
+        "rec": "user <CF_HIST> <SEM_HIST> item {target_title} <CF_TARGET> <TITLE_EMB> "
+               "enjoy? Answer:",
+        "search": "query {query} user <CF_HIST> <SEM_HIST> item {target_title} <CF_TARGET> "
+                  "<TITLE_EMB> relevant? Answer:",
+    },
+}
+
+_PIECE = re.compile("(" + "|".join(re.escape(p) for p in SOFT_TOKENS + TEXT_FIELDS) + ")")
+
+
+def template_pieces(design: str, task: str) -> list[str]:
+    """The template split into static text and placeholders, in order."""
+    if design not in PROMPTS:
+        raise ValueError(f"unknown prompt design {design!r}; known: {sorted(PROMPTS)}")
+    return [p for p in _PIECE.split(PROMPTS[design][task]) if p]
+
+
+def all_template_text() -> list[str]:
+    """Every template's text (tiny backbones build their vocabulary from it)."""
+    return [t for design in PROMPTS.values() for t in design.values()] + [BLIND_QUERY]
+
+
+@dataclass
+class PromptIds:
+    ids: list[int]
+    slots: list[int]  # 0 for text, k for SOFT_TOKENS[k - 1]
+    # Tokens before the first candidate-dependent piece (a soft token or the target title).
+    # Both history vectors depend on the candidate (target attention), so this is the part
+    # of the prompt that one example's candidates share.
+    prefix_len: int
+
+
+class PromptAssembler:
+    """Builds prompt token ids from pre-tokenized pieces for one design and tokenizer."""
+
+    def __init__(self, tokenizer, design: str, title_ids: list[list[int]],
+                 query_in_prompt: bool = True, append_eos: bool = False):
+        self.tokenizer = tokenizer
+        self.title_ids = title_ids  # per item, already cut to the prompt title length
+        self.query_in_prompt = query_in_prompt
+        self.eos = [tokenizer.eos_token_id] if append_eos else []
+        self.sep = self._encode(", ")
+        self.pieces = {}
+        for task in ("search", "rec"):
+            self.pieces[task] = [
+                p if p in SOFT_TOKENS or p in TEXT_FIELDS else self._encode(p)
+                for p in template_pieces(design, task)
+            ]
+        self.uses_history_titles = any(
+            p == "{history_titles}" for ps in self.pieces.values() for p in ps)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def build(self, task: str, history: list[int], target: int, query: str | None) -> PromptIds:
+        ids: list[int] = []
+        slots: list[int] = []
+        prefix_len = None
+        for piece in self.pieces[task]:
+            if prefix_len is None and (piece in SOFT_TOKENS or piece == "{target_title}"):
+                prefix_len = len(ids)
+            if isinstance(piece, list):
+                part = piece
+            elif piece in SOFT_TOKENS:
+                ids.append(self.tokenizer.pad_token_id)
+                slots.append(SOFT_TOKENS.index(piece) + 1)
+                continue
+            elif piece == "{history_titles}":
+                part = []
+                for n, item in enumerate(history):
+                    part += (self.sep if n else []) + self.title_ids[item]
+            elif piece == "{target_title}":
+                part = self.title_ids[target]
+            else:  # {query}
+                part = self._encode((query or "") if self.query_in_prompt else BLIND_QUERY)
+            ids += part
+            slots += [0] * len(part)
+        ids += self.eos
+        slots += [0] * len(self.eos)
+        return PromptIds(ids, slots, len(ids) if prefix_len is None else prefix_len)

@@ -1,0 +1,78 @@
+"""The per-worker training loop: build, restore, then forward -> loss -> backward -> step.
+
+Runs inside every Ray Train worker (or in-process in local mode). Distribution is behind
+`Strategy` (gensr_ray.distributed); everything here reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gensr_ray.config import from_dict
+from gensr_ray.distributed import Strategy
+from gensr_ray.model.build import build_features, build_model
+from gensr_ray.model.gensr import gensr_loss
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = from_dict(config["cfg"])
+    strategy = Strategy(cfg)
+
+    model, backbone = build_model(cfg, config["backbone_dir"])
+    _, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    engine = strategy.prepare(model)
+    state = strategy.restore() or {"step": 0, "epoch": 0, "micro": 0}
+    step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
+    shard = strategy.dataset_shard("train")
+
+    window: dict[str, float] = {}  # loss sums since the last report, per optimizer step
+    window_steps, rows_seen, started, metrics = 0, 0, time.perf_counter(), {}
+    for epoch in range(first_epoch, cfg.train.epochs):
+        micro = 0
+        batches = shard.iter_batches(
+            batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=None if cfg.data.shuffle_seed < 0 else 4 * cfg.train.batch_size,
+            local_shuffle_seed=None if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed + epoch)
+        for rows in batches:
+            micro += 1
+            if epoch == first_epoch and micro <= skip:
+                continue  # resumed mid-epoch: these micro-batches were trained on already
+            batch = strategy.to_device(collate(rows))
+            out = engine(batch)
+            loss, parts = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
+            strategy.backward(loss)
+            for key, value in parts.items():
+                window[key] = window.get(key, 0.0) + float(value) / cfg.train.grad_accum
+            rows_seen += len(rows["target"])
+            if not strategy.step():
+                continue
+
+            step += 1
+            window_steps += 1
+            log_now = step % cfg.train.log_every == 0
+            save_now = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            last = step == cfg.train.max_steps
+            if log_now or save_now or last:
+                metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
+                window.clear()
+                window_steps = 0
+                state = {"step": step, "epoch": epoch, "micro": micro}
+                strategy.report(metrics, state if (save_now or last) else None)
+            if last:
+                return
+        skip = 0
+        if window_steps:
+            metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
+            window.clear()
+            window_steps = 0
+        strategy.report({**metrics, "epoch": epoch + 1},
+                        {"step": step, "epoch": epoch + 1, "micro": 0})
+
+
+def _metrics(strategy: Strategy, window: dict, steps: int, step: int, epoch: int, rows: int,
+             started: float) -> dict:
+    """Window averages over optimizer steps and workers, plus progress and throughput."""
+    averaged = strategy.mean({k: v / steps for k, v in window.items()})
+    elapsed = time.perf_counter() - started
+    return {**averaged, "step": step, "epoch": epoch, "lr": strategy.lr(),
+            "rows_per_s": strategy.world_size * rows / elapsed if elapsed else 0.0}
