@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 class LightGCNConfig:
     dim: int = 64  # embedding size; GenSR's CF view is 64-d
     layers: int = 2  # propagation layers (the paper's and GenSR's setting)
-    # At lr 1e-3 quality plateaus near 200 epochs on an ml-100k-sized graph (943 x 1682, ~40k
-    # train edges, 20 steps an epoch), which takes about 20 s on 2 CPU cores.
-    epochs: int = 200
-    batch_size: int = 2048  # BPR triples per Adam step
-    lr: float = 1e-3
+    # Every step propagates the whole graph, so few large steps are cheapest. Measured on
+    # ml-100k validation (2 CPU cores): batch 8192 / lr 1e-2 / 100 epochs trains in ~20 s and
+    # beats batch 2048 / lr 1e-3 / 200 epochs (~100 s): rec HR@10 0.702 vs 0.693, full
+    # Recall@20 0.237 vs 0.218, search HR@10 0.742 vs 0.737.
+    epochs: int = 100
+    batch_size: int = 8192  # BPR triples per Adam step
+    lr: float = 1e-2
     reg: float = 1e-4  # L2 on the batch's layer-0 embeddings, as in the LightGCN paper
     seed: int = 42
 
