@@ -244,6 +244,40 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
              _node_ip_address="127.0.0.1")
 
 
+def metrics_log_path(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}/metrics.jsonl"
+
+
+def _metrics_log_callback(path: str):
+    """A Ray Train callback (runs in the controller) appending each report to `path`.
+
+    `path` lives on the run's storage (a local directory or s3://, gs://), next to the
+    checkpoints, and keeps the lines of earlier attempts of the same run.
+    """
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        def __init__(self):
+            self.lines: list[str] | None = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import pyarrow.fs
+
+            fs, file = pyarrow.fs.FileSystem.from_uri(path)
+            if self.lines is None:  # first report of this attempt: keep earlier lines
+                self.lines = []
+                if fs.get_file_info(file).type == pyarrow.fs.FileType.File:
+                    with fs.open_input_stream(file) as f:
+                        self.lines = f.read().decode().splitlines()
+            row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}
+            self.lines.append(json.dumps(row, default=float))
+            fs.create_dir(file.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(file) as f:
+                f.write(("\n".join(self.lines) + "\n").encode())
+
+    return MetricsLog()
+
+
 def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "gensr"):
     """Run the training job with Ray Train; returns the ray.train.Result."""
     import ray.data
@@ -261,6 +295,8 @@ def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "g
     if s.use_gpu:
         resources["GPU"] = 1
     storage = s.storage_path or str(out_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir},
@@ -270,7 +306,8 @@ def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "g
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
+            callbacks=[_metrics_log_callback(metrics_log_path(storage, name))]),
         datasets={"train": training_dataset(cfg, backbone_dir)},
     )
     return trainer.fit()

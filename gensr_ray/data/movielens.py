@@ -16,7 +16,6 @@ is never committed (its terms forbid redistribution).
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 import subprocess

@@ -58,7 +58,7 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
     files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
-    ds = ray.data.read_parquet(files, columns=EXAMPLE_COLUMNS)
+    ds = ray.data.read_parquet(files).select_columns(EXAMPLE_COLUMNS)
     if cfg.data.shuffle_seed >= 0:
         ds = ds.randomize_block_order(seed=cfg.data.shuffle_seed)
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",

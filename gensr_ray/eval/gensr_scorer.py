@@ -31,7 +31,7 @@ class GenSRScorer:
         scores = []
         for lo in range(0, len(rows["target"]), self.batch_size):
             part = {k: v[lo:lo + self.batch_size] for k, v in rows.items()}
-            scores.append(answer_score(self.model(self.collate(part)).logits).float().numpy())
+            scores.append(answer_score(self.model(self.collate(part))["logits"]).float().numpy())
         return np.concatenate(scores).reshape(candidates.shape)
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:

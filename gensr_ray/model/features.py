@@ -130,6 +130,6 @@ class Collator:
             "target_item": torch.from_numpy(target),
             "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
             "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
-            "label": torch.as_tensor(np.asarray(rows["label"], dtype=np.float32)),
-            "task": torch.as_tensor(np.asarray(rows["task"], dtype=np.int64)),
+            "label": torch.tensor(np.asarray(rows["label"], dtype=np.float32)),
+            "task": torch.tensor(np.asarray(rows["task"], dtype=np.int64)),
         }

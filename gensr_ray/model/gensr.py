@@ -14,10 +14,7 @@ this module: `answer_head_weight()` names it for the distribution layer.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gensr_ray.config import LossConfig, ModelConfig
@@ -48,11 +45,12 @@ class TargetAttention(nn.Module):
         return torch.einsum("bn,bnd->bd", weights, h)
 
 
-@dataclass
-class GenSROutput:
-    logits: torch.Tensor  # [B, 2]: (Yes, No) logits at the answer position
-    cf_hist: torch.Tensor  # [B, D] projected CF history vector
-    sem_hist: torch.Tensor  # [B, D] semantic history vector
+# forward() returns a plain dict (DeepSpeed's ZeRO-3 hooks find tensors in dicts, not in
+# dataclasses):
+#   logits   [B, 2] (Yes, No) logits at the answer position
+#   cf_hist  [B, D] projected CF history vector
+#   sem_hist [B, D] semantic history vector
+GenSROutput = dict
 
 
 class GenSR(nn.Module):
@@ -115,7 +113,7 @@ class GenSR(nn.Module):
                              batch["soft_slots"], soft)
         hidden = self.answer_hidden_by_task(embeds, batch)
         logits = hidden @ self.answer_head_weight()[list(self.answer_ids)].T
-        return GenSROutput(logits=logits, cf_hist=cf_hist, sem_hist=sem_hist)
+        return {"logits": logits, "cf_hist": cf_hist, "sem_hist": sem_hist}
 
     @staticmethod
     def splice(embeds: torch.Tensor, slots: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -156,11 +154,11 @@ class GenSR(nn.Module):
 def gensr_loss(out: GenSROutput, label: torch.Tensor, cfg: LossConfig,
                model_cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
     """Answer cross-entropy + lambda * InfoNCE(CF history, semantic history)."""
-    ce = answer_loss(out.logits, label)
+    ce = answer_loss(out["logits"], label)
     total = ce
     parts = {"loss_answer": ce.detach()}
     if cfg.contrastive_weight > 0 and model_cfg.use_cf and model_cfg.use_sem:
-        cl = info_nce(out.cf_hist, out.sem_hist, cfg.temperature, cfg.authors_layernorm)
+        cl = info_nce(out["cf_hist"], out["sem_hist"], cfg.temperature, cfg.authors_layernorm)
         total = total + cfg.contrastive_weight * cl
         parts["loss_contrastive"] = cl.detach()
     parts["loss"] = total.detach()

@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray cluster on 127.0.0.1 for the whole session, and a model
+cache of its own so tiny backbones are built from scratch by the code under test."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+# before Ray or DeepSpeed are imported anywhere
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gensr_cache")
+    wheels = os.path.expanduser("~/.cache/gensr_ray/wheels")  # the ml-100k wheel, if fetched
+    os.environ["GENSR_CACHE"] = str(path)
+    if os.path.isdir(wheels):
+        os.symlink(wheels, path / "wheels")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, model_cache):
+    import ray
+    import ray.data
+
+    from gensr_ray.distributed import ensure_ray
+
+    ensure_ray(num_cpus=2, object_store_memory=512 << 20,
+               temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
