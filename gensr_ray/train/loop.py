@@ -24,6 +24,9 @@ def train_loop_per_worker(config: dict) -> None:
     state = strategy.restore() or {"step": 0, "epoch": 0, "micro": 0}
     step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
     shard = strategy.dataset_shard("train")
+    if 0 < cfg.train.max_steps <= step or first_epoch >= cfg.train.epochs:
+        strategy.report({"step": step, "epoch": first_epoch})  # resumed a finished run
+        return
 
     window: dict[str, float] = {}  # loss sums since the last report, per optimizer step
     window_steps, rows_seen, started, metrics = 0, 0, time.perf_counter(), {}
