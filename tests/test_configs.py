@@ -1,0 +1,40 @@
+"""Every shipped config loads into the typed config; overrides reject what they should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, load_config
+from gensr_ray.model.gensr import SUBSPACES
+from gensr_ray.model.prompts import PROMPTS
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+TRAINING_CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
+
+
+def test_configs_are_found_in_subfolders_too():
+    assert {p.parent.name for p in TRAINING_CONFIGS} >= {"configs", "paper", "gpu"}
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_loads_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert cfg.model.prompt in PROMPTS
+    assert cfg.model.subspace in SUBSPACES
+    head = path.read_text().splitlines()[:12]
+    assert head[0].startswith("#") and any("train --config" in line for line in head)
+
+
+def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
+    cfg = apply_overrides(GenSRConfig(), ["train.lr=3e-4", "model.lora_targets=[q, v]"])
+    assert cfg.train.lr == 3e-4 and cfg.model.lora_targets == ["q", "v"]
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        apply_overrides(cfg, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        apply_overrides(cfg, ["train.epochs=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: train: unknown key"):
+        load_config(bad)
