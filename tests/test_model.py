@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,81 @@ def test_unknown_prompt_and_subspace_are_rejected():
     with pytest.raises(ValueError, match="model.subspace='nope'"):
         apply_subspace(torch.nn.Linear(2, 2), apply_overrides(
             GenSRConfig(), {"model.subspace": "nope"}).model)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, model_cache):
+    from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
+    from gensr_ray.data import contract
+    from gensr_ray.data.build import write_dataset
+    from gensr_ray.data.synthetic import generate_synthetic
+
+    def with_cf(tmp):
+        save_cf(train_lightgcn(tmp, LightGCNConfig(epochs=2)), contract.cf_path(tmp))
+
+    out = tmp_path_factory.mktemp("model") / "data"
+    write_dataset(generate_synthetic(seed=2, n_users=20, n_items=130, events_per_user=8), out,
+                  after_build=with_cf)
+    return out
+
+
+@pytest.mark.parametrize("backbone, targets", [("tiny-llama", ["q_proj", "v_proj"]),
+                                               ("tiny-t5", ["q", "v"])])
+@pytest.mark.parametrize("subspace", ["shared_lora", "task_and_shared_lora", "full"])
+def test_every_backbone_and_subspace_trains(tiny_data, backbone, targets, subspace):
+    from gensr_ray.data import contract
+    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.model.gensr import gensr_loss
+
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": f"preset:{backbone}",
+        "model.subspace": subspace, "model.lora_targets": targets})
+    model, backbone_ = build_model(cfg, resolve_config_backbone(cfg))
+    encoder, collate = build_features(cfg, backbone_.tokenizer, backbone_.kind)
+    examples = contract.read_table(contract.examples_dir(tiny_data, "train")).slice(0, 8)
+    batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+    assert set(batch["task"].tolist()) == {0, 1}  # both tasks, so task adapters both run
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # two steps: LoRA A only gets gradients once B has left zero
+        optimizer.zero_grad()
+        loss, parts = gensr_loss(model(batch), batch["label"], cfg.loss, cfg.model)
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss) and "loss_contrastive" in parts
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if subspace == "full":
+        assert frozen == []
+    else:
+        assert frozen and not any("lora_" in n for n in frozen)
+        adapters = {n.split("lora_A.")[1].split(".")[0] for n, _ in model.named_parameters()
+                    if "lora_A." in n}
+        assert adapters == ({"shared"} if subspace == "shared_lora"
+                            else {"shared", "search", "rec"})
+
+
+@pytest.mark.parametrize("subspace", ["shared_lora", "task_lora"])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
+    from gensr_ray.data import contract
+    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+        "model.prompt": "authors", "model.subspace": subspace})
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    for p in model.parameters():  # non-zero adapters, so routing matters
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    examples = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 4)
+    ex = examples.to_pydict()
+    for i in range(4):
+        candidates = [ex["target"][i]] + ex["negatives"][i][:30]
+        group = encoder.encode_group(ex["task"][i], ex["history"][i], ex["query"][i], candidates)
+        assert len(group["prefix_ids"]) > 10  # the authors' prompt opens with the history
+        rows = encoder.encode({k: [v[i]] for k, v in ex.items()},
+                              candidates=np.array([candidates]))
+        with torch.no_grad():
+            full = answer_score(model(collate(rows))["logits"])
+        shared = answer_score(model.score_group(collate.group(group)))
+        torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)

@@ -27,6 +27,23 @@ class GenSRScorer:
 
     @torch.no_grad()
     def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        if self.model.kind == "decoder":
+            return self._score_grouped(batch, candidates)
+        return self._score_rows(batch, candidates)
+
+    def _score_grouped(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        """Decoder-only: per example, the shared prefix's KV cache and history encodings
+        are computed once for all its candidates (bench/scoring.py measures the gain)."""
+        scores = np.empty(candidates.shape, dtype=np.float32)
+        for i in range(len(candidates)):
+            group = self.encoder.encode_group(batch["task"][i], list(batch["history"][i]),
+                                              batch["query"][i], candidates[i].tolist())
+            logits = self.model.score_group(self.collate.group(group))
+            scores[i] = answer_score(logits).float().numpy()
+        return scores
+
+    def _score_rows(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        """One full prompt per (example, candidate) row, batched."""
         rows = self.encoder.encode(batch, candidates=candidates)
         scores = []
         for lo in range(0, len(rows["target"]), self.batch_size):

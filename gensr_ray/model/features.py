@@ -85,6 +85,17 @@ class ExampleEncoder:
         return rows
 
 
+    def encode_group(self, task: str, history: list[int], query: str | None,
+                     candidates: list[int]) -> dict:
+        """One example's candidates as a shared prefix + one suffix per candidate."""
+        prompts = [self.assembler.build(task, history, c, query) for c in candidates]
+        cut = prompts[0].prefix_len  # candidate-independent, the same for every candidate
+        return {"task": TASK_IDS[task], "history": history, "candidates": candidates,
+                "prefix_ids": prompts[0].ids[:cut],
+                "suffix_ids": [p.ids[cut:] for p in prompts],
+                "suffix_slots": [p.slots[cut:] for p in prompts]}
+
+
 class Collator:
     """Pads pointwise rows into the tensors `GenSR.forward` reads.
 
@@ -95,6 +106,37 @@ class Collator:
         self.items = items
         self.pad_id = pad_id
         self.max_history = max_history
+
+    def group(self, g: dict) -> dict[str, torch.Tensor]:
+        """Tensors for `GenSR.score_group`: suffixes right-padded (positions stay exact)."""
+        n = len(g["candidates"])
+        width = max(len(s) for s in g["suffix_ids"])
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        slots = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for r, (s_ids, s_slots) in enumerate(zip(g["suffix_ids"], g["suffix_slots"])):
+            ids[r, :len(s_ids)] = s_ids
+            slots[r, :len(s_slots)] = s_slots
+            mask[r, :len(s_ids)] = 1
+        hist = np.asarray(g["history"], dtype=np.int64)[None, :]
+        target = np.asarray(g["candidates"], dtype=np.int64)
+        tgt_len = self.items.target_len[target]
+        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))]
+        return {
+            "task": torch.tensor(g["task"]),
+            "prefix_ids": torch.tensor([g["prefix_ids"]], dtype=torch.long).reshape(1, -1),
+            "hist_items": torch.from_numpy(hist),
+            "hist_mask": torch.ones(hist.shape, dtype=torch.bool),
+            "hist_title_ids": torch.from_numpy(self.items.sem[hist]),
+            "hist_title_mask": torch.from_numpy(
+                np.arange(self.items.sem.shape[1]) < self.items.sem_len[hist][..., None]),
+            "target_item": torch.from_numpy(target),
+            "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
+            "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
+            "suffix_ids": torch.from_numpy(ids),
+            "suffix_slots": torch.from_numpy(slots),
+            "suffix_mask": torch.from_numpy(mask),
+        }
 
     def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
         n = len(rows["target"])

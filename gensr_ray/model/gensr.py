@@ -13,7 +13,7 @@ this module: `answer_head_weight()` names it for the distribution layer.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
@@ -78,42 +78,88 @@ class GenSR(nn.Module):
     def answer_head_weight(self) -> nn.Parameter:
         return self.lm.get_output_embeddings().weight
 
-    # -- the two views -------------------------------------------------------------------
-    def cf_view(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(history vector, candidate vector), both projected to the model width."""
-        hist = self.cf_items[batch["hist_items"]]
-        target = self.cf_items[batch["target_item"]]
-        mask = batch["hist_mask"]
-        h = self.cf_encoder(hist, src_key_padding_mask=~mask)
-        pooled = self.cf_attention(h, target, mask)
-        return self.cf_proj(pooled), self.cf_proj(target)
+    # -- the two views: encode the history once, pool it against each candidate -----------
+    def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
+        return self.cf_encoder(self.cf_items[hist_items], src_key_padding_mask=~hist_mask)
 
-    def sem_view(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
+                target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history vector, candidate vector), both projected to the model width."""
+        target = self.cf_items[target_item]
+        return self.cf_proj(self.cf_attention(encoded, target, mask)), self.cf_proj(target)
+
+    def sem_encode(self, title_ids: torch.Tensor, title_mask: torch.Tensor):
+        """History title tokens through the backbone's embeddings and a 1-layer transformer."""
+        b, h, t = title_ids.shape
+        tokens = self.lm.get_input_embeddings()(title_ids).reshape(b, h * t, -1)
+        mask = title_mask.reshape(b, h * t)
+        return self.sem_encoder(tokens, src_key_padding_mask=~mask), mask
+
+    def sem_pool(self, encoded: torch.Tensor, mask: torch.Tensor, target_title_ids: torch.Tensor,
+                 target_title_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(history vector, candidate mean title embedding)."""
-        embed = self.lm.get_input_embeddings()
-        b, h, t = batch["hist_title_ids"].shape
-        tokens = embed(batch["hist_title_ids"]).reshape(b, h * t, -1)
-        mask = batch["hist_title_mask"].reshape(b, h * t)
-        title = embed(batch["target_title_ids"])
-        tmask = batch["target_title_mask"].unsqueeze(-1).to(title.dtype)
+        title = self.lm.get_input_embeddings()(target_title_ids)
+        tmask = target_title_mask.unsqueeze(-1).to(title.dtype)
         title_mean = (title * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)
-        encoded = self.sem_encoder(tokens, src_key_padding_mask=~mask)
         return self.sem_attention(encoded, title_mean, mask), title_mean
 
-    # -- the prompt and the answer --------------------------------------------------------
-    def forward(self, batch: dict) -> GenSROutput:
-        cf_hist, cf_target = self.cf_view(batch)
-        sem_hist, title_mean = self.sem_view(batch)
+    def soft_tokens(self, cf_hist, sem_hist, cf_target, title_mean) -> torch.Tensor:
+        """[B, 4, D] in slot order; a disabled view contributes zero vectors."""
         if not self.cfg.use_cf:
             cf_hist, cf_target = torch.zeros_like(cf_hist), torch.zeros_like(cf_target)
         if not self.cfg.use_sem:
             sem_hist = torch.zeros_like(sem_hist)
-        soft = torch.stack([cf_hist, sem_hist, cf_target, title_mean], dim=1)  # slots 1..4
+        return torch.stack([cf_hist, sem_hist, cf_target, title_mean], dim=1)
+
+    # -- the prompt and the answer --------------------------------------------------------
+    def forward(self, batch: dict) -> GenSROutput:
+        """One full prompt per row (training, and scoring any backbone)."""
+        cf_hist, cf_target = self.cf_pool(self.cf_encode(batch["hist_items"], batch["hist_mask"]),
+                                          batch["hist_mask"], batch["target_item"])
+        encoded, mask = self.sem_encode(batch["hist_title_ids"], batch["hist_title_mask"])
+        sem_hist, title_mean = self.sem_pool(encoded, mask, batch["target_title_ids"],
+                                             batch["target_title_mask"])
+        soft = self.soft_tokens(cf_hist, sem_hist, cf_target, title_mean)
         embeds = self.splice(self.lm.get_input_embeddings()(batch["input_ids"]),
                              batch["soft_slots"], soft)
         hidden = self.answer_hidden_by_task(embeds, batch)
-        logits = hidden @ self.answer_head_weight()[list(self.answer_ids)].T
-        return {"logits": logits, "cf_hist": cf_hist, "sem_hist": sem_hist}
+        return {"logits": self.answer_logits(hidden), "cf_hist": cf_hist, "sem_hist": sem_hist}
+
+    def answer_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.answer_head_weight()[list(self.answer_ids)].T
+
+    @torch.no_grad()
+    def score_group(self, g: dict) -> torch.Tensor:
+        """Yes/No logits [C, 2] for one example's C candidates, sharing what they share.
+
+        The history encodings (both views) and, for decoder-only backbones, the KV cache of
+        the prompt's candidate-independent prefix are computed once; each candidate then runs
+        only its suffix (right-padded, so every real position keeps its true position).
+        """
+        n = g["target_item"].shape[0]
+        cf_encoded = self.cf_encode(g["hist_items"], g["hist_mask"]).expand(n, -1, -1)
+        cf_hist, cf_target = self.cf_pool(cf_encoded, g["hist_mask"].expand(n, -1),
+                                          g["target_item"])
+        sem_encoded, mask = self.sem_encode(g["hist_title_ids"], g["hist_title_mask"])
+        sem_hist, title_mean = self.sem_pool(sem_encoded.expand(n, -1, -1), mask.expand(n, -1),
+                                             g["target_title_ids"], g["target_title_mask"])
+        soft = self.soft_tokens(cf_hist, sem_hist, cf_target, title_mean)
+        embed = self.lm.get_input_embeddings()
+        suffix = self.splice(embed(g["suffix_ids"]), g["suffix_slots"], soft)
+        suffix_mask = g["suffix_mask"]
+        task = TASK_NAMES[int(g["task"])]
+        with active_adapters(self.lm, self.active_per_task[task]) if self.active_per_task \
+                else nullcontext():
+            cache, prefix_len = None, g["prefix_ids"].shape[1]
+            if prefix_len:
+                cache = self.lm.base_model(inputs_embeds=embed(g["prefix_ids"]),
+                                           use_cache=True).cache
+                cache.batch_repeat_interleave(n)
+            mask = torch.cat([suffix_mask.new_ones(n, prefix_len), suffix_mask], dim=1)
+            out = self.lm.base_model(inputs_embeds=suffix, attention_mask=mask,
+                                     cache=cache, use_cache=cache is not None)
+        last = suffix_mask.sum(1) - 1
+        return self.answer_logits(out.last_hidden_state[torch.arange(n), last])
 
     @staticmethod
     def splice(embeds: torch.Tensor, slots: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
