@@ -240,7 +240,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         ray.init(log_to_driver=True)
         return
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
-             include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True,
+             include_dashboard=True, _temp_dir=temp_dir, log_to_driver=True,
              _node_ip_address="127.0.0.1")
 
 

@@ -21,13 +21,12 @@ def _encoder(cfg: GenSRConfig, backbone_dir: str):
     key = (backbone_dir, cfg.data.path, cfg.model.prompt, cfg.model.query_in_prompt,
            cfg.data.prompt_title_tokens)
     if key not in _ENCODERS:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
+        from gensr_ray.model.backbone import load_tokenizer
         from gensr_ray.model.build import build_features
 
-        tokenizer = AutoTokenizer.from_pretrained(backbone_dir, local_files_only=True)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(backbone_dir)
         seq2seq = AutoConfig.from_pretrained(backbone_dir, local_files_only=True).is_encoder_decoder
         encoder, _ = build_features(cfg, tokenizer, "encoder-decoder" if seq2seq else "decoder")
         _ENCODERS[key] = encoder

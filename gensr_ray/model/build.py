@@ -26,7 +26,10 @@ def vocabulary_texts(data_path: str | Path) -> list[str]:
 def resolve_config_backbone(cfg: GenSRConfig) -> str:
     """The backbone as a local directory (presets are materialised once into the cache)."""
     spec = cfg.model.backbone
-    texts = vocabulary_texts(cfg.data.path) if spec.startswith("preset:tiny-") else None
+    from gensr_ray.model.backbone import RANDOM_PRESETS
+
+    random_preset = spec.removeprefix("preset:") in RANDOM_PRESETS
+    texts = vocabulary_texts(cfg.data.path) if random_preset else None
     return str(resolve_backbone(spec, texts))
 
 

@@ -1,0 +1,81 @@
+"""Candidates scored per second: shared prefix (KV cache + history encodings computed once per
+example) vs one full prompt per candidate (the authors' way), same model and candidates.
+
+    python bench/scoring.py                       # tiny Llama, authors' prompt, synthetic data
+    python bench/scoring.py --backbone preset:smollm2-135m-L4 --data data/ml100k --examples 10
+
+Prints both rates, the largest score difference, and last `ratio=<shared / full>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import bench_data, quiet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="preset:tiny-llama")
+    parser.add_argument("--prompt", default="authors")
+    parser.add_argument("--data", default=None, help="prepared dataset (default: synthetic)")
+    parser.add_argument("--examples", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    quiet()
+    import numpy as np
+    import torch
+
+    from gensr_ray.config import GenSRConfig, apply_overrides
+    from gensr_ray.data import contract
+    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.model.losses import answer_score
+
+    torch.set_num_threads(args.threads)
+    data = bench_data(args.data)
+    cfg = apply_overrides(GenSRConfig(), {"data.path": str(data), "model.backbone": args.backbone,
+                                          "model.prompt": args.prompt})
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    if backbone.kind != "decoder":
+        raise SystemExit("bench/scoring.py: the shared KV-cache prefix needs a decoder-only backbone")
+    model.eval()
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    ex = contract.read_table(contract.examples_dir(data, "test")).slice(0, args.examples).to_pydict()
+    n = len(ex["target"])
+    candidates = [[ex["target"][i]] + list(ex["negatives"][i]) for i in range(n)]
+
+    def full(i):
+        rows = encoder.encode({k: [v[i]] for k, v in ex.items()}, candidates=np.array([candidates[i]]))
+        return answer_score(model(collate(rows))["logits"])
+
+    def shared(i):
+        group = encoder.encode_group(ex["task"][i], list(ex["history"][i]), ex["query"][i],
+                                     candidates[i])
+        return answer_score(model.score_group(collate.group(group)))
+
+    results = {}
+    with torch.no_grad():
+        for name, fn in (("full", full), ("shared", shared)):
+            fn(0)  # warm-up
+            start = time.perf_counter()
+            results[name] = [fn(i) for i in range(n)]
+            elapsed = time.perf_counter() - start
+            rate = n * len(candidates[0]) / elapsed
+            results[name + "_rate"] = rate
+            print(f"{name:6s}: {rate:8.1f} candidates/s ({n} examples x {len(candidates[0])})")
+    diff = max(float((a - b).abs().max()) for a, b in zip(results["full"], results["shared"]))
+    prefix = np.mean([len(encoder.encode_group(ex["task"][i], list(ex["history"][i]),
+                                               ex["query"][i], candidates[i][:1])["prefix_ids"])
+                      for i in range(n)])
+    print(f"backbone {args.backbone}, prompt {args.prompt}, mean shared prefix {prefix:.0f} "
+          f"tokens, {args.threads} threads; max |score difference| {diff:.2e}")
+    print(f"ratio={results['shared_rate'] / results['full_rate']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
