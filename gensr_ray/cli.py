@@ -4,7 +4,8 @@
     gensr pretrain-cf --data data/ml100k
     gensr eval --data data/ml100k --baselines --out results.json
     gensr train --config configs/debug.yaml --out runs/debug [--set train.lr=3e-4 ...]
-    gensr eval --checkpoint runs/debug/checkpoint --out results.json [--baselines]
+    gensr eval --checkpoint runs/debug --out results.json [--baselines]
+    gensr tune --config configs/debug.yaml --sweep configs/sweeps/prompts.yaml --out runs/sweep
 """
 
 from __future__ import annotations
@@ -95,6 +96,24 @@ def _train(args: argparse.Namespace) -> None:
     print(f"final checkpoint: {result['checkpoint']}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from gensr_ray.config import load_config
+    from gensr_ray.pipeline import prepare_dataset
+    from gensr_ray.study import load_sweep, run_study
+
+    cfg = load_config(args.config, args.set)
+    sweep = load_sweep(args.sweep)
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if not Path(cfg.data.path).exists():
+        if not cfg.data.prepare_if_missing:
+            raise SystemExit(f"gensr tune: data.path {cfg.data.path} does not exist")
+        prepare_dataset(cfg.data.prepare_if_missing, Path(cfg.data.path))
+    study = run_study(cfg, sweep, args.out)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"winner: {study['best']}; report in {args.out}/report.{{md,csv,png}}; "
+          f"Tune experiment in {study['experiment']} (tensorboard --logdir {study['experiment']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gensr", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("tune", help="a Ray Tune ablation study over a sweep file")
+    p.add_argument("--config", type=Path, required=True, help="base YAML config")
+    p.add_argument("--sweep", type=Path, required=True, help="configs/sweeps/NAME.yaml")
+    p.add_argument("--out", type=Path, required=True, help="study directory (report.*)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value (repeatable)")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")
     p.add_argument("--checkpoint", type=Path, default=None, help="a gensr train checkpoint")

@@ -278,7 +278,8 @@ def _metrics_log_callback(path: str):
     return MetricsLog()
 
 
-def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "gensr"):
+def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "gensr",
+        callbacks: list | None = None):
     """Run the training job with Ray Train; returns the ray.train.Result."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -307,7 +308,8 @@ def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "g
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
-            callbacks=[_metrics_log_callback(metrics_log_path(storage, name))]),
+            callbacks=[_metrics_log_callback(metrics_log_path(storage, name)),
+                       *(callbacks or [])]),
         datasets={"train": training_dataset(cfg, backbone_dir)},
     )
     return trainer.fit()

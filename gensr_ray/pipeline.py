@@ -48,8 +48,10 @@ def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None
     return meta
 
 
-def run_training(cfg, out: Path) -> dict:
-    """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/)."""
+def run_training(cfg, out: Path, callbacks: list | None = None) -> dict:
+    """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/).
+
+    `callbacks`: extra Ray Train callbacks (Tune trials pass TuneReportCallback)."""
     import json
     import shutil
 
@@ -58,7 +60,7 @@ def run_training(cfg, out: Path) -> dict:
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    result = fit(cfg, out, resolve_config_backbone(cfg))
+    result = fit(cfg, out, resolve_config_backbone(cfg), callbacks=callbacks)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:

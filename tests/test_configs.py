@@ -38,3 +38,40 @@ def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
     bad.write_text("train:\n  nope: 1\n")
     with pytest.raises(ConfigError, match="bad.yaml: train: unknown key"):
         load_config(bad)
+
+
+SWEEPS = sorted((Path(__file__).parent.parent / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_loads_and_every_trial_is_a_valid_override(path):
+    from gensr_ray.study import load_sweep
+
+    sweep = load_sweep(path)
+    assert len(sweep.trials) >= 3 and sweep.mode in ("max", "min")
+    assert any("gensr tune" in line for line in path.read_text().splitlines()[:4])
+
+
+def test_shipped_sweeps_cover_prompts_subspaces_and_losses():
+    assert {p.stem for p in SWEEPS} >= {"prompts", "subspaces", "losses"}
+
+
+def test_bad_sweep_names_the_trial(tmp_path):
+    from gensr_ray.study import load_sweep
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trials:\n  a: {model.nope: 1}\n")
+    with pytest.raises(ConfigError, match="trial 'a'"):
+        load_sweep(bad)
+
+
+def test_trial_concurrency_follows_resources():
+    from gensr_ray.study import max_concurrent_trials
+
+    cpu = apply_overrides(GenSRConfig(), {"scale.num_workers": 2, "scale.cpus_per_worker": 0.5})
+    assert max_concurrent_trials(cpu, {"CPU": 2.0}) == 1  # this machine: one after another
+    assert max_concurrent_trials(cpu, {"CPU": 16.0}) == 10
+    gpu = apply_overrides(GenSRConfig(), {"scale.num_workers": 4, "scale.use_gpu": True,
+                                          "scale.cpus_per_worker": 4})
+    assert max_concurrent_trials(gpu, {"CPU": 128.0, "GPU": 16.0}) == 4
+    assert max_concurrent_trials(gpu, {"CPU": 8.0, "GPU": 16.0}) == 1

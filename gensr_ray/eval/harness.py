@@ -233,7 +233,12 @@ def format_table(results: dict) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     counts = ", ".join(f"{task} {n}" for task, n in results["num_examples"].items())
-    out = [f"split {results['split']} ({counts} examples)", line(headers)]
+    title = f"split {results['split']} ({counts} examples"
+    subset = results.get("subset")
+    if subset:
+        title += f"; seeded subset of at most {subset['max_examples_per_task']} per task, " \
+                 f"seed {subset['seed']}"
+    out = [title + ")", line(headers)]
     out.append("  ".join("-" * w for w in widths))
     out += [line(r) for r in rows]
     return "\n".join(out)

@@ -1,0 +1,198 @@
+"""Ray Tune ablation studies: named trials of config overrides, each a full training run.
+
+A sweep file (configs/sweeps/*.yaml) names the objective and the trials:
+
+    metric: mean/sampled/NDCG@10     # task/protocol/metric on the validation split, or mean/...
+    mode: max
+    trials:
+      authors: {model.prompt: authors}
+      minimal: {model.prompt: minimal}
+
+Each trial is a Tune function trial that applies its overrides with the same function as the
+CLI (`apply_overrides`), builds and fits its own Ray Train TorchTrainer (Train metrics reach
+Tune through TuneReportCallback), then evaluates its final checkpoint on the validation split.
+At the end the study writes report.md, report.csv and report.png into the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, from_dict
+
+DATA_CPU_RESERVE = 0.5  # CPU left per trial for Ray Data's read/tokenize tasks
+TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
+
+
+@dataclass
+class Sweep:
+    name: str
+    metric: str
+    mode: str
+    trials: dict[str, dict]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"metric", "mode", "trials"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: metric, mode, trials")
+    trials = data.get("trials") or {}
+    if not isinstance(trials, dict) or not trials:
+        raise ConfigError(f"{path}: `trials` must map trial names to override mappings")
+    if data.get("mode", "max") not in ("max", "min"):
+        raise ConfigError(f"{path}: mode must be max or min")
+    metric = data.get("metric", "mean/sampled/NDCG@10")
+    if len(metric.split("/")) != 3:
+        raise ConfigError(f"{path}: metric {metric!r} must look like task/protocol/metric")
+    for name, overrides in trials.items():
+        try:
+            apply_overrides(GenSRConfig(), dict(overrides or {}))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: trial {name!r}: {exc}") from None
+    return Sweep(path.stem, metric, data.get("mode", "max"),
+                 {str(k): dict(v or {}) for k, v in trials.items()})
+
+
+def max_concurrent_trials(cfg: GenSRConfig, resources: dict) -> int:
+    """How many trials fit the cluster at once, from what one trial's trainer reserves."""
+    workers = max(1, cfg.scale.num_workers)
+    per_trial_cpu = workers * cfg.scale.cpus_per_worker + DATA_CPU_RESERVE + TRIAL_DRIVER_CPU
+    fits = math.floor(resources.get("CPU", 0) / per_trial_cpu)
+    if cfg.scale.use_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / workers))
+    return max(1, fits)
+
+
+def flatten(results: dict, model: str = "gensr") -> dict[str, float]:
+    """Harness JSON -> {"rec/sampled/NDCG@10": v, ..., "mean/sampled/NDCG@10": v}."""
+    flat: dict[str, float] = {}
+    per_task = results["models"][model]
+    for task, protocols in per_task.items():
+        for protocol, metrics in protocols.items():
+            for metric, value in metrics.items():
+                flat[f"{task}/{protocol}/{metric}"] = value
+    for key in {k.split("/", 1)[1] for k in flat}:
+        values = [flat[f"{t}/{key}"] for t in per_task if f"{t}/{key}" in flat]
+        flat[f"mean/{key}"] = round(sum(values) / len(values), 4)
+    return flat
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: fit its own trainer, evaluate on validation, report to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gensr_ray.checkpoint import load_for_eval
+    from gensr_ray.eval.gensr_scorer import GenSRScorer
+    from gensr_ray.eval.harness import build_baselines, evaluate, write_results
+    from gensr_ray.pipeline import run_training
+
+    cfg = apply_overrides(from_dict(config["base"]), config["overrides"][config["trial"]])
+    out = Path(ray.tune.get_context().get_trial_dir()) / "run"
+    summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
+    model, backbone, cfg = load_for_eval(summary["checkpoint"], cfg)
+    baselines = build_baselines(cfg.data.path)
+    stage = {"rec": baselines[cfg.eval.first_stage],
+             "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
+    scorer = GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth, cfg.eval.batch_size)
+    results = evaluate(cfg.data.path, "valid", {"gensr": scorer},
+                       max_examples=cfg.eval.max_examples, seed=cfg.eval.seed)
+    write_results(results, out / "valid_results.json")
+    ray.tune.report({**flatten(results), "trial": config["trial"], "step": summary["metrics"]["step"],
+                     "checkpoint": summary["checkpoint"]})
+
+
+def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
+    """Run every trial of `sweep` on top of `cfg`; write the report; return the best trial."""
+    import ray
+    import ray.tune
+
+    from gensr_ray.distributed import ensure_ray
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+        param_space={"base": cfg.to_dict(), "overrides": sweep.trials,
+                     "trial": ray.tune.grid_search(list(sweep.trials))},
+        tune_config=ray.tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
+                                        max_concurrent_trials=concurrency),
+        run_config=ray.tune.RunConfig(name=sweep.name, storage_path=str(out / "tune")),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.error is not None:
+            rows.append({"trial": result.config["trial"], "error": str(result.error)})
+            continue
+        rows.append({"trial": result.metrics["trial"], **{
+            k: v for k, v in result.metrics.items()
+            if "/" in k and isinstance(v, (int, float))}})
+    best = write_report(out, sweep, rows, concurrency)
+    return {"best": best, "rows": rows, "experiment": str(out / "tune" / sweep.name)}
+
+
+def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) -> str | None:
+    """report.csv (every trial, every metric), report.md (table, winner), report.png (plot)."""
+    ok = [r for r in rows if "error" not in r]
+    best = None
+    if ok:
+        pick = max if sweep.mode == "max" else min
+        best = pick(ok, key=lambda r: r.get(sweep.metric, float("nan")))["trial"]
+    metrics = sorted({k for r in ok for k in r if k != "trial"})
+    with (out / "report.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["trial", "overrides", *metrics, "error"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "overrides": json.dumps(sweep.trials[r["trial"]])})
+    shown = [m for m in metrics if m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")
+             and m.split("/")[0] in ("search", "rec")]
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"Objective: `{sweep.metric}` ({sweep.mode}) on the validation split; "
+             f"{len(rows)} trials, {concurrency} at a time.", "",
+             "| trial | overrides | " + " | ".join(shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for r in rows:
+        cells = [f"{r[m]:.4f}" if m in r else "error" for m in shown]
+        lines.append(f"| {r['trial']} | `{json.dumps(sweep.trials[r['trial']])}` | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"**Winner: `{best}`** ({sweep.metric} = "
+                  f"{next(r for r in ok if r['trial'] == best)[sweep.metric]:.4f})." if best
+              else "**No trial finished.**", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    _plot(out / "report.png", sweep, ok)
+    return best
+
+
+def _plot(path: Path, sweep: Sweep, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = sweep.metric.split("/", 1)[1]  # protocol/metric, shown for both tasks
+    names = [r["trial"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.5))
+    width = 0.38
+    for offset, task in ((-width / 2, "search"), (width / 2, "rec")):
+        values = [r.get(f"{task}/{key}", 0.0) for r in rows]
+        ax.bar([i + offset for i in range(len(rows))], values, width, label=task)
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel(key)
+    ax.set_title(f"sweep {sweep.name}: {key} on validation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
