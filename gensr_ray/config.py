@@ -89,7 +89,10 @@ class ScaleConfig:
     offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer states to CPU (compiles)")
     storage_path: str = _f("", "where Ray Train persists checkpoints (local dir or s3://, "
                                "gs://); empty: <out>/ray")
-    max_failures: int = _f(0, "worker-group restarts from the latest checkpoint on failure")
+    max_failures: int = _f(0, "worker-group restarts from the latest checkpoint on failure "
+                              "(-1: unlimited)")
+    placement_strategy: str = _f("PACK", "where workers go: PACK | SPREAD | STRICT_SPREAD "
+                                         "(one node each) | STRICT_PACK")
     num_to_keep: int = _f(2, "checkpoints kept")
 
 

@@ -303,7 +303,8 @@ def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "g
         train_loop_config={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=s.max_failures),

@@ -30,14 +30,21 @@ def model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory, model_cache):
+def _ray_temp_dir(tmp_path_factory):
+    import ray
+
+    yield str(tmp_path_factory.mktemp("ray"))
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_temp_dir, model_cache):
+    """The shared local cluster, started on first use (again if a test shut it down)."""
     import ray
     import ray.data
 
     from gensr_ray.distributed import ensure_ray
 
-    ensure_ray(num_cpus=2, object_store_memory=512 << 20,
-               temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=_ray_temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    return ray

@@ -1,43 +1,91 @@
-"""Beyond one training run: Tune studies, `ray job submit`, cluster configs, node loss."""
+"""`ray job submit` against a real local head with the job server."""
 
 from __future__ import annotations
 
-import csv
-import math
+import json
 from pathlib import Path
 
 import yaml
 
-from gensr_ray.config import apply_overrides, load_config
-from gensr_ray.study import load_sweep, run_study
-
 ROOT = Path(__file__).parent.parent
 
 
-def test_two_trial_sweep_on_the_debug_config_writes_a_report(ray_cluster, tmp_path):
-    sweep_file = tmp_path / "two.yaml"
-    sweep_file.write_text(yaml.safe_dump({
-        "metric": "mean/sampled/NDCG@10", "mode": "max",
-        "trials": {"lambda_0": {"loss.contrastive_weight": 0.0},
-                   "minimal_query_blind": {"model.query_in_prompt": False}}}))
-    data = tmp_path / "data"
-    from gensr_ray.pipeline import prepare_dataset
+def _free_ports(n: int) -> list[int]:
+    import socket
 
-    prepare_dataset("synthetic", data)
-    cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
-        "data.path": str(data), "train.max_steps": 6, "train.log_every": 3,
-        "eval.max_examples": 20})
-    study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
-    rows = list(csv.DictReader((tmp_path / "study" / "report.csv").open()))
-    assert sorted(r["trial"] for r in rows) == ["lambda_0", "minimal_query_blind"]
-    for row in rows:
-        assert not row["error"]
-        for task in ("search", "rec"):
-            for metric in ("sampled/HR@10", "sampled/NDCG@10", "full/Recall@10"):
-                assert math.isfinite(float(row[f"{task}/{metric}"]))
-    report = (tmp_path / "study" / "report.md").read_text()
-    assert "lambda_0" in report and "minimal_query_blind" in report
-    assert f"Winner: `{study['best']}`" in report
-    assert (tmp_path / "study" / "report.png").stat().st_size > 1000
-    assert Path(study["experiment"]).is_dir()  # Tune's own results stay browsable
+
+def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
+    """A real head with the job server on 127.0.0.1; the job is the debug training run."""
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    gcs, dashboard, client_port, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # unix socket paths must stay short
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         f"--port={gcs}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2",
+         "--object-store-memory=400000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = tmp_path / "job_run"
+    runtime_env = {**yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text()),
+                   "working_dir": str(ROOT),
+                   "env_vars": {"GENSR_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}}
+    try:
+        _wait_for_dashboard(dashboard, head)
+        # the CLI, as users run it; a fresh process so it reads RAY_AUTH_MODE from `env`
+        submit = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit",
+             f"--address=http://127.0.0.1:{dashboard}",
+             f"--runtime-env-json={json.dumps(runtime_env)}", "--",
+             "python", "-m", "jobs.train", "--config", "configs/debug.yaml", "--out", str(out),
+             "--set", f"data.path={tmp_path / 'data'}", "--set", "train.max_steps=6",
+             "--set", "train.log_every=3"],
+            env=env, capture_output=True, text=True, timeout=600)
+        logs = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in logs, logs[-3000:]
+        assert "final checkpoint:" in logs
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert (Path(summary["checkpoint"]) / "model" / "trainable.pt").is_file()
+        assert (out / "ray" / "gensr" / "metrics.jsonl").read_text().count("\n") >= 2
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def _wait_for_dashboard(port: int, head, timeout: float = 120.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {head.stdout.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except Exception as exc:  # 401 (token auth) also means the server is up
+            if getattr(exc, "code", None) in (401, 403):
+                return
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

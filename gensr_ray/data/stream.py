@@ -14,6 +14,10 @@ from gensr_ray.config import GenSRConfig, from_dict
 from gensr_ray.data import contract
 
 EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
+# CPUs each read / tokenize task reserves. Ray Data only schedules its tasks on CPUs that the
+# trainer's workers (and a Tune trial's driver) left free; at the default of 1 a 2-core
+# machine with 2 x 0.5-CPU workers and a 0.1-CPU trial has 0.9 free and the run hangs.
+DATA_TASK_CPUS = 0.25
 _ENCODERS: dict = {}  # per-process cache: tokenizer and item titles load once per task process
 
 
@@ -57,8 +61,10 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
     files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
-    ds = ray.data.read_parquet(files).select_columns(EXAMPLE_COLUMNS)
+    ds = ray.data.read_parquet(files, ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+    ds = ds.select_columns(EXAMPLE_COLUMNS)
     if cfg.data.shuffle_seed >= 0:
         ds = ds.randomize_block_order(seed=cfg.data.shuffle_seed)
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
+                          num_cpus=DATA_TASK_CPUS,
                           fn_kwargs={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir})

@@ -23,6 +23,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine = strategy.prepare(model)
     state = strategy.restore() or {"step": 0, "epoch": 0, "micro": 0}
     step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
+    resumed_from = step  # 0 for a fresh run; reported so restarts are visible in the metrics
     shard = strategy.dataset_shard("train")
     if 0 < cfg.train.max_steps <= step or first_epoch >= cfg.train.epochs:
         strategy.report({"step": step, "epoch": first_epoch})  # resumed a finished run
@@ -57,6 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == cfg.train.max_steps
             if log_now or save_now or last:
                 metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
+                metrics["resumed_from"] = resumed_from
                 window.clear()
                 window_steps = 0
                 state = {"step": step, "epoch": epoch, "micro": micro}
@@ -66,6 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
         skip = 0
         if window_steps:
             metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
+            metrics["resumed_from"] = resumed_from
             window.clear()
             window_steps = 0
         strategy.report({**metrics, "epoch": epoch + 1},
