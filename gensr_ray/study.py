@@ -26,7 +26,7 @@ import yaml
 
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, from_dict
 
-DATA_CPU_RESERVE = 0.5  # CPU left per trial for Ray Data's read/tokenize tasks
+DATA_CPU_RESERVE = 0.5  # CPU per trial for Ray Data's read/tokenize tasks
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
 
 
@@ -123,8 +123,14 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    # A trial's placement group bounds what Ray Data may use inside it (its read and tokenize
+    # tasks run in the trial's bundles): give it a bundle of its own beside the driver's, or
+    # the trial's datasets never get a CPU and the run hangs. The trainer's workers get their
+    # own placement group from Ray Train.
+    trial_resources = ray.tune.PlacementGroupFactory(
+        [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": DATA_CPU_RESERVE}])
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+        ray.tune.with_resources(run_trial, trial_resources),
         param_space={"base": cfg.to_dict(), "overrides": sweep.trials,
                      "trial": ray.tune.grid_search(list(sweep.trials))},
         tune_config=ray.tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
