@@ -61,7 +61,7 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
     files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
-    ds = ray.data.read_parquet(files, ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+    ds = ray.data.read_parquet(files, num_cpus=DATA_TASK_CPUS)
     ds = ds.select_columns(EXAMPLE_COLUMNS)
     if cfg.data.shuffle_seed >= 0:
         ds = ds.randomize_block_order(seed=cfg.data.shuffle_seed)
