@@ -183,7 +183,8 @@ class Strategy:
             self.save(tmp, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
-            if self.world_size > 0 and not _local_mode(self.context):
+            # Ray has copied it to storage; local mode keeps pointing at it (the driver moves it)
+            if not _local_mode(self.context):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def save(self, directory: Path, state: dict) -> None:

@@ -57,4 +57,4 @@ def build_features(cfg: GenSRConfig, tokenizer, kind: str) -> tuple[ExampleEncod
     items = item_tokens(cfg, tokenizer)
     encoder = ExampleEncoder(tokenizer, items, cfg.model.prompt, cfg.model.query_in_prompt,
                              append_eos=(kind == "encoder-decoder"))
-    return encoder, Collator(items, tokenizer.pad_token_id, contract.MAX_HISTORY)
+    return encoder, Collator(items, tokenizer.pad_token_id)

@@ -102,10 +102,9 @@ class Collator:
     Prompts are left-padded so the answer position is the last one for every row.
     """
 
-    def __init__(self, items: ItemTokens, pad_id: int, max_history: int):
+    def __init__(self, items: ItemTokens, pad_id: int):
         self.items = items
         self.pad_id = pad_id
-        self.max_history = max_history
 
     def group(self, g: dict) -> dict[str, torch.Tensor]:
         """Tensors for `GenSR.score_group`: suffixes right-padded (positions stay exact)."""
