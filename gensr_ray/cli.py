@@ -57,15 +57,11 @@ def _eval(args: argparse.Namespace) -> None:
     max_examples, seed = args.max_examples, 0
     if cfg is not None:
         from gensr_ray.checkpoint import load_for_eval
-        from gensr_ray.eval.gensr_scorer import GenSRScorer
+        from gensr_ray.eval.gensr_scorer import build_gensr_scorer
 
-        if data != Path(cfg.data.path):
-            cfg.data.path = str(data)
+        cfg.data.path = str(data)
         model, backbone, cfg = load_for_eval(args.checkpoint, cfg)
-        stage = {"rec": baselines[cfg.eval.first_stage],
-                 "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
-        scorers["gensr"] = GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth,
-                                       cfg.eval.batch_size)
+        scorers["gensr"] = build_gensr_scorer(model, backbone, cfg, baselines)
         max_examples = cfg.eval.max_examples if max_examples is None else max_examples
         seed = cfg.eval.seed
     results = evaluate(data, args.split or (cfg.eval.split if cfg else "test"), scorers,
@@ -82,15 +78,9 @@ def _train(args: argparse.Namespace) -> None:
     import json
 
     from gensr_ray.config import load_config
-    from gensr_ray.pipeline import prepare_dataset, run_training
+    from gensr_ray.pipeline import ensure_data, run_training
 
-    cfg = load_config(args.config, args.set)
-    cfg.data.path = str(Path(cfg.data.path).resolve())  # workers may run elsewhere
-    if not Path(cfg.data.path).exists():
-        if not cfg.data.prepare_if_missing:
-            raise SystemExit(f"gensr train: data.path {cfg.data.path} does not exist; run "
-                             "`gensr prepare` first or set data.prepare_if_missing")
-        prepare_dataset(cfg.data.prepare_if_missing, Path(cfg.data.path))
+    cfg = ensure_data(load_config(args.config, args.set))
     result = run_training(cfg, args.out)
     print(f"final metrics: {json.dumps(result['metrics'], default=float)}")
     print(f"final checkpoint: {result['checkpoint']}")
@@ -98,16 +88,11 @@ def _train(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     from gensr_ray.config import load_config
-    from gensr_ray.pipeline import prepare_dataset
+    from gensr_ray.pipeline import ensure_data
     from gensr_ray.study import load_sweep, run_study
 
-    cfg = load_config(args.config, args.set)
     sweep = load_sweep(args.sweep)
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    if not Path(cfg.data.path).exists():
-        if not cfg.data.prepare_if_missing:
-            raise SystemExit(f"gensr tune: data.path {cfg.data.path} does not exist")
-        prepare_dataset(cfg.data.prepare_if_missing, Path(cfg.data.path))
+    cfg = ensure_data(load_config(args.config, args.set))
     study = run_study(cfg, sweep, args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"winner: {study['best']}; report in {args.out}/report.{{md,csv,png}}; "

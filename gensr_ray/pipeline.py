@@ -48,6 +48,20 @@ def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None
     return meta
 
 
+def ensure_data(cfg):
+    """Make data.path absolute (workers may run elsewhere) and prepare it if the config says
+    which dataset to build when it is missing."""
+    from gensr_ray.data.contract import DataError
+
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if not Path(cfg.data.path).exists():
+        if not cfg.data.prepare_if_missing:
+            raise DataError(f"data.path {cfg.data.path} does not exist; run `gensr prepare` "
+                            "first or set data.prepare_if_missing")
+        prepare_dataset(cfg.data.prepare_if_missing, Path(cfg.data.path))
+    return cfg
+
+
 def run_training(cfg, out: Path, callbacks: list | None = None) -> dict:
     """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/).
 

@@ -93,7 +93,7 @@ def run_trial(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from gensr_ray.checkpoint import load_for_eval
-    from gensr_ray.eval.gensr_scorer import GenSRScorer
+    from gensr_ray.eval.gensr_scorer import build_gensr_scorer
     from gensr_ray.eval.harness import build_baselines, evaluate, write_results
     from gensr_ray.pipeline import run_training
 
@@ -101,10 +101,7 @@ def run_trial(config: dict) -> None:
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
     model, backbone, cfg = load_for_eval(summary["checkpoint"], cfg)
-    baselines = build_baselines(cfg.data.path)
-    stage = {"rec": baselines[cfg.eval.first_stage],
-             "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
-    scorer = GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth, cfg.eval.batch_size)
+    scorer = build_gensr_scorer(model, backbone, cfg, build_baselines(cfg.data.path))
     results = evaluate(cfg.data.path, "valid", {"gensr": scorer},
                        max_examples=cfg.eval.max_examples, seed=cfg.eval.seed)
     write_results(results, out / "valid_results.json")

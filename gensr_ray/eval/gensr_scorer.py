@@ -59,3 +59,10 @@ class GenSRScorer:
         scores = np.where(valid, scores, -np.inf)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(pool, order, axis=1)
+
+
+def build_gensr_scorer(model, backbone, cfg, baselines: dict) -> GenSRScorer:
+    """GenSR with the first stages its config names, taken from `build_baselines`."""
+    stage = {"rec": baselines[cfg.eval.first_stage],
+             "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
+    return GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth, cfg.eval.batch_size)
