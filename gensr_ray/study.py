@@ -120,10 +120,10 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    # A trial's placement group bounds what Ray Data may use inside it (its read and tokenize
-    # tasks run in the trial's bundles): give it a bundle of its own beside the driver's, or
-    # the trial's datasets never get a CPU and the run hangs. The trainer's workers get their
-    # own placement group from Ray Train.
+    # Ray Data inside a placement group takes its limits from the group's bundles, so the
+    # trial reserves a bundle for its datasets beside the driver's (the trainer's workers get
+    # their own group from Ray Train). On 2 cores this is not yet enough: README
+    # "Known problem".
     trial_resources = ray.tune.PlacementGroupFactory(
         [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": DATA_CPU_RESERVE}])
     tuner = ray.tune.Tuner(

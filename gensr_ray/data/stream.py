@@ -14,9 +14,10 @@ from gensr_ray.config import GenSRConfig, from_dict
 from gensr_ray.data import contract
 
 EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
-# CPUs each read / tokenize task reserves. Ray Data only schedules its tasks on CPUs that the
-# trainer's workers (and a Tune trial's driver) left free; at the default of 1 a 2-core
-# machine with 2 x 0.5-CPU workers and a 0.1-CPU trial has 0.9 free and the run hangs.
+# CPUs each read / tokenize task asks for. Ray Data only schedules its tasks on CPUs that
+# the trainer's workers leave free, and tokenizing is light; asking for less than a whole
+# CPU leaves room on small machines. (Inside a Tune trial on 2 cores the read still
+# starves: see README "Known problem".)
 DATA_TASK_CPUS = 0.25
 _ENCODERS: dict = {}  # per-process cache: tokenizer and item titles load once per task process
 
@@ -50,7 +51,6 @@ def encode_examples(batch: dict[str, np.ndarray], cfg: dict, backbone_dir: str) 
         "label": pa.array(rows["label"], pa.float32()),
         "prompt_ids": pa.array(rows["prompt_ids"], pa.list_(pa.int32())),
         "prompt_slots": pa.array(rows["prompt_slots"], pa.list_(pa.int8())),
-        "prefix_len": pa.array(rows["prefix_len"], pa.int32()),
     })
 
 

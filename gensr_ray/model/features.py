@@ -61,8 +61,7 @@ class ExampleEncoder:
                negatives_per_example: int | None = None) -> dict[str, list]:
         """Rows for every (example, candidate). Without `candidates`: target + negatives."""
         rows: dict[str, list] = {k: [] for k in (
-            "example_id", "task", "history", "target", "label", "prompt_ids", "prompt_slots",
-            "prefix_len")}
+            "example_id", "task", "history", "target", "label", "prompt_ids", "prompt_slots")}
         for i in range(len(examples["target"])):
             history = [int(h) for h in examples["history"][i]]
             target = int(examples["target"][i])
@@ -81,7 +80,6 @@ class ExampleEncoder:
                 rows["label"].append(1.0 if item == target else 0.0)
                 rows["prompt_ids"].append(prompt.ids)
                 rows["prompt_slots"].append(prompt.slots)
-                rows["prefix_len"].append(prompt.prefix_len)
         return rows
 
 

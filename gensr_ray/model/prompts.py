@@ -99,8 +99,7 @@ class PromptAssembler:
                 p if p in SOFT_TOKENS or p in TEXT_FIELDS else self._encode(p)
                 for p in template_pieces(design, task)
             ]
-        self.uses_history_titles = any(
-            p == "{history_titles}" for ps in self.pieces.values() for p in ps)
+
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
