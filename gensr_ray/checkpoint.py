@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import yaml
 
+from gensr_ray.atomic import atomic_open
 from gensr_ray.config import GenSRConfig, from_dict
 
 TRAINABLE = "trainable.pt"
@@ -24,9 +24,8 @@ TRAINABLE = "trainable.pt"
 def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: GenSRConfig,
                        state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{TRAINABLE}.tmp"
-    torch.save(weights, tmp)
-    os.replace(tmp, directory / TRAINABLE)
+    with atomic_open(directory / TRAINABLE, "wb") as f:
+        torch.save(weights, f)
     (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (directory / "state.json").write_text(json.dumps(state, indent=2, default=float) + "\n")
 

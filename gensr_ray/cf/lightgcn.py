@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,23 +189,17 @@ def fit_lightgcn(
 
 
 def save_cf(tables: CFTables, path: Path) -> None:
-    """Write the tables as .npz atomically (temp file + os.replace): never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                user_emb=tables.user_emb.astype(np.float32),
-                item_emb=tables.item_emb.astype(np.float32),
-                losses=np.asarray(tables.losses, dtype=np.float64),
-                config=np.array(json.dumps(asdict(tables.config))),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the tables as .npz atomically: never a half-written file."""
+    from gensr_ray.atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        np.savez(
+            f,
+            user_emb=tables.user_emb.astype(np.float32),
+            item_emb=tables.item_emb.astype(np.float32),
+            losses=np.asarray(tables.losses, dtype=np.float64),
+            config=np.array(json.dumps(asdict(tables.config))),
+        )
 
 
 def load_cf(path: Path) -> CFTables:

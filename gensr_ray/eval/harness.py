@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -245,18 +243,12 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: Path) -> None:
-    """Write results as JSON atomically (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write results as JSON atomically."""
+    from gensr_ray.atomic import atomic_open
+
+    with atomic_open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=False)
+        f.write("\n")
 
 
 def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
