@@ -1,6 +1,8 @@
 """`gensr`: the command line. Each subcommand parses its flags and calls one library function.
 
     gensr prepare --dataset ml100k --out data/ml100k
+    gensr prepare --dataset amazon --reviews REVIEWS.json.gz --meta META.json.gz --out DIR
+    gensr prepare --dataset kuaisar --data-dir KuaiSAR/ --out DIR
     gensr pretrain-cf --data data/ml100k
     gensr eval --data data/ml100k --baselines --out results.json
     gensr train --config configs/debug.yaml --out runs/debug [--set train.lr=3e-4 ...]
@@ -22,7 +24,9 @@ def _prepare(args: argparse.Namespace) -> None:
 
     prepare_dataset(args.dataset, args.out, seed=args.seed, source=args.source,
                     search_fraction=args.search_fraction, rows_per_shard=args.rows_per_shard,
-                    with_cf=not args.no_cf, overwrite=args.overwrite)
+                    with_cf=not args.no_cf, overwrite=args.overwrite, reviews=args.reviews,
+                    meta=args.meta, data_dir=args.data_dir, k_core=args.k_core,
+                    query_files=args.query_files)
 
 
 def _pretrain_cf(args: argparse.Namespace) -> None:
@@ -105,14 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build a dataset in the on-disk contract")
-    p.add_argument("--dataset", choices=["ml100k", "synthetic"], required=True)
+    p.add_argument("--dataset", choices=["ml100k", "synthetic", "amazon", "kuaisar"],
+                   required=True)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--source", type=Path, default=None,
                    help="ml100k: local recbole-1.2.1 wheel or ml-100k directory (default: "
                         "download the wheel into $GENSR_CACHE)")
+    p.add_argument("--reviews", type=Path, default=None,
+                   help="amazon: reviews JSON-lines file (2014 or 2018 release, .gz or not)")
+    p.add_argument("--meta", type=Path, default=None,
+                   help="amazon: metadata file of the same category (JSON or dict literals)")
+    p.add_argument("--query-files", type=Path, default=None,
+                   help="amazon: directory of HEM query files (query_text.txt.gz or "
+                        "query.txt.gz [+ vocab.txt.gz], *.qrels[.gz])")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="kuaisar: directory with rec_inter.csv, src_inter.csv, item_features.csv")
+    p.add_argument("--k-core", type=int, default=None,
+                   help="amazon, kuaisar: keep the k-core of users and items (default 5)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--search-fraction", type=float, default=None,
-                   help="share of each user's positives that become search events")
+                   help="ml100k, synthetic, amazon: share of each user's events that become "
+                        "search events (amazon default 0.5)")
     p.add_argument("--rows-per-shard", type=int, default=8192)
     p.add_argument("--no-cf", action="store_true", help="skip LightGCN pretraining")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

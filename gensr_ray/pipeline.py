@@ -9,9 +9,15 @@ from pathlib import Path
 
 def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None = None,
                     search_fraction: float | None = None, rows_per_shard: int = 8192,
-                    with_cf: bool = True, overwrite: bool = False) -> dict:
-    """Build a dataset in the contract (+ its LightGCN tables); prints a summary."""
+                    with_cf: bool = True, overwrite: bool = False, reviews: Path | None = None,
+                    meta: Path | None = None, data_dir: Path | None = None,
+                    k_core: int | None = None, query_files: Path | None = None) -> dict:
+    """Build a dataset in the contract (+ its LightGCN tables); prints a summary.
+
+    amazon needs `reviews` and `meta` (and reads HEM `query_files` if given); kuaisar needs
+    `data_dir`; `k_core` (default 5) applies to both."""
     from gensr_ray.data.build import WriteOptions, write_dataset
+    from gensr_ray.data.contract import DataError
 
     started = time.perf_counter()
     if dataset == "ml100k":
@@ -24,8 +30,28 @@ def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None
 
         kwargs = {} if search_fraction is None else {"search_fraction": search_fraction}
         raw = generate_synthetic(seed=seed, **kwargs)
+    elif dataset == "amazon":
+        from gensr_ray.data import amazon
+
+        if reviews is None or meta is None:
+            raise DataError("--dataset amazon needs --reviews FILE and --meta FILE")
+        raw = amazon.load_amazon(
+            reviews, meta, seed=seed, query_files=query_files,
+            search_fraction=amazon.SEARCH_FRACTION if search_fraction is None
+            else search_fraction, k_core=amazon.K_CORE if k_core is None else k_core)
+    elif dataset == "kuaisar":
+        from gensr_ray.data import kuaisar
+
+        if data_dir is None:
+            raise DataError("--dataset kuaisar needs --data-dir DIR (with rec_inter.csv, "
+                            "src_inter.csv and item_features.csv)")
+        if search_fraction is not None:
+            raise DataError("--search-fraction does not apply to kuaisar (its search events "
+                            "are real)")
+        raw = kuaisar.load_kuaisar(data_dir, k_core=kuaisar.K_CORE if k_core is None else k_core)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; expected ml100k or synthetic")
+        raise ValueError(f"unknown dataset {dataset!r}; expected ml100k, synthetic, amazon or "
+                         "kuaisar")
 
     after_build = None
     if with_cf:
@@ -38,14 +64,30 @@ def prepare_dataset(dataset: str, out: Path, seed: int = 42, source: Path | None
             print(f"LightGCN pretrained on the training split in {time.perf_counter() - t0:.1f}s")
 
     opts = WriteOptions(seed=seed, rows_per_shard=rows_per_shard, overwrite=overwrite)
-    meta = write_dataset(raw, out, opts, after_build=after_build)
-    counts = meta["counts"]
-    print(f"prepared {dataset} in {out} ({time.perf_counter() - started:.1f}s): "
-          f"{counts['users']} users, {counts['items']} items, "
-          f"{counts['interactions']['search']} search / {counts['interactions']['rec']} rec events")
+    meta_json = write_dataset(raw, out, opts, after_build=after_build)
+    counts = meta_json["counts"]
+    print(f"prepared {dataset} in {out} ({time.perf_counter() - started:.1f}s)")
+    print(format_statistics(dataset, meta_json))
     for split, by_task in counts["examples"].items():
         print(f"  {split:5s} examples: search {by_task['search']:6d}  rec {by_task['rec']:6d}")
-    return meta
+    return meta_json
+
+
+def format_statistics(dataset: str, meta: dict) -> str:
+    """A paper-style dataset table from meta.json, and the loader's drop counts."""
+    c = meta["counts"]
+    search, rec = c["interactions"]["search"], c["interactions"]["rec"]
+    share = search / max(1, search + rec)
+    lines = [
+        "| dataset | users | items | search events | rec events | search share | distinct queries |",
+        "|---|---|---|---|---|---|---|",
+        (f"| {dataset} | {c['users']} | {c['items']} | {search} | {rec} | {share:.1%} | "
+         f"{c.get('distinct_queries', '-')} |"),
+    ]
+    dropped = meta.get("loader", {}).get("dropped")
+    if dropped:
+        lines.append("dropped: " + ", ".join(f"{name} {n}" for name, n in dropped.items()))
+    return "\n".join(lines)
 
 
 def ensure_data(cfg):

@@ -267,6 +267,7 @@ def _meta(raw, opts, users, tasks, split, examples) -> dict:
             "users": int(len(set(users.tolist()))),
             "items": len(raw.item_ids),
             "interactions": {t: count(t) for t in contract.TASKS},
+            "distinct_queries": len({q for q in raw.queries if q}),
             "interactions_by_split": {
                 s: {t: count(t, s) for t in contract.TASKS} for s in contract.SPLITS
             },
