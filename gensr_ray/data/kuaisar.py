@@ -60,6 +60,7 @@ EMPTY_CATEGORY = {"", "empty", "空", "unknown", "null", "nan", "none"}
 _INT = r"^\s*[+-]?\d+\s*$"
 _FLOAT = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _ID_LIST = re.compile(r"\[\s*(?:\d+\s*(?:,\s*\d+\s*)*)?,?\s*\]")
+_ID_LIST_OR_EMPTY = r"^\s*(\[\s*(\d+\s*(,\s*\d+\s*)*)?,?\s*\])?\s*$"
 _ID = re.compile(r"\d+")
 
 
@@ -168,6 +169,16 @@ def float_column(path: Path, batch: pa.RecordBatch, column: str, first_line: int
     return numbers
 
 
+def check_id_lists(path: Path, batch: pa.RecordBatch, column: str, first_line: int) -> None:
+    """Every value of `column` is a list of word ids (or empty), checked for the whole batch."""
+    values = batch.column(column)
+    ok = pc.match_substring_regex(values, _ID_LIST_OR_EMPTY)
+    if not pc.all(ok).as_py():
+        bad = int(np.flatnonzero(~ok.to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{path}: line {first_line + bad}: column {column!r}: "
+                        f"{values[bad].as_py()[:60]!r} is not a list of word ids like [20, 34, 3]")
+
+
 def id_words(text: str, where: str, column: str) -> str:
     """'[20, 34, 3]' -> 'w20 w34 w3'; an empty field is no words."""
     text = text.strip()
@@ -197,6 +208,7 @@ def _read_src(path: Path, queries: dict[str, int]) -> dict[str, np.ndarray]:
     parts = []
     for first, batch in stream_csv(path, SRC_COLUMNS):
         clicks = int_column(path, batch, "click_cnt", first)
+        check_id_lists(path, batch, "keyword", first)
         int_column(path, batch, "search_session_id", first)  # checked, not used
         pos = np.flatnonzero(clicks > 0)
         keywords = batch.column("keyword").take(pa.array(pos)).to_pylist()
@@ -227,9 +239,13 @@ def _item_columns(path: Path) -> list[str]:
 
 
 def _item_ids(path: Path) -> np.ndarray:
-    _item_columns(path)
-    return np.concatenate([int_column(path, batch, "item_id", first)
-                           for first, batch in stream_csv(path, ["item_id"])])
+    """Every item id, in file order; captions are checked on the way."""
+    columns = _item_columns(path)
+    ids = []
+    for first, batch in stream_csv(path, columns):
+        ids.append(int_column(path, batch, "item_id", first))
+        check_id_lists(path, batch, "caption", first)
+    return np.concatenate(ids)
 
 
 def _item_texts(path: Path, wanted: np.ndarray) -> dict[int, tuple[str, str]]:
