@@ -91,17 +91,10 @@ def stream_csv(path: Path, columns: list[str], block_size: int | None = None
     block_size = block_size or BLOCK_SIZE
     header = _header(path)
     _check_columns(path, header, columns)
-    bad_rows = []
-
-    def on_invalid_row(row):
-        bad_rows.append(row)
-        return "error"
-
     line = 2
     try:
         reader = pacsv.open_csv(
             path, read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns, column_types={c: pa.string() for c in columns},
                 strings_can_be_null=False, quoted_strings_can_be_null=False))
@@ -110,17 +103,30 @@ def stream_csv(path: Path, columns: list[str], block_size: int | None = None
                 yield line, batch
             line += batch.num_rows
     except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
-        if bad_rows:
-            row = bad_rows[0]
-            where = f"line {row.number}" if row.number > 0 else f"after line {line}"
-            raise DataError(f"{path}: {where}: {row.actual_columns} fields, expected "
-                            f"{row.expected_columns}") from None
-        if "utf8" in str(exc).lower():
+        message = str(exc)
+        if "utf8" in message.lower():
             raise DataError(f"{path}: line {_first_undecodable_line(path)}: not UTF-8 text"
                             ) from None
-        raise DataError(f"{path}: unreadable CSV after line {line} ({exc})") from None
+        if "columns, got" in message:
+            lineno, fields = _first_ragged_row(path, len(header))
+            raise DataError(f"{path}: line {lineno}: {fields} fields, expected {len(header)}"
+                            ) from None
+        raise DataError(f"{path}: unreadable CSV after line {line} ({message[:200]})") from None
     if line == 2:
         raise DataError(f"{path}: no data rows")
+
+
+def _first_ragged_row(path: Path, expected: int) -> tuple[int | str, int]:
+    """(line, fields) of the first row without `expected` fields (a slow scan, on error only)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        start = 2
+        for row in reader:
+            if row and len(row) != expected:
+                return start, len(row)
+            start = reader.line_num + 1
+    return "?", -1
 
 
 def _first_undecodable_line(path: Path) -> int:
