@@ -312,6 +312,24 @@ def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "g
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
             callbacks=[_metrics_log_callback(metrics_log_path(storage, name)),
                        *(callbacks or [])]),
-        datasets={"train": training_dataset(cfg, backbone_dir)},
+        datasets={"train": _in_current_placement_group(training_dataset(cfg, backbone_dir))},
     )
     return trainer.fit()
+
+
+def _in_current_placement_group(ds):
+    """Run a dataset's tasks inside the caller's placement group, when there is one.
+
+    A Tune trial reserves a bundle for its Ray Data tasks (gensr_ray.study); scheduling the
+    tasks there gives Ray Data fixed limits (the group's bundles) instead of a share of the
+    cluster negotiated with the trainer, which on a small node left it nothing to run on.
+    """
+    import ray.util
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        ds.context.scheduling_strategy = strategy
+        ds.context.scheduling_strategy_large_args = strategy
+    return ds

@@ -120,18 +120,19 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    # Ray Data inside a placement group takes its limits from the group's bundles, so the
-    # trial reserves a bundle for its datasets beside the driver's (the trainer's workers get
-    # their own group from Ray Train). On 2 cores this is not yet enough: README
-    # "Known problem".
+    # The trial reserves a bundle for its Ray Data tasks beside its driver's; the trainer's
+    # dataset runs inside the trial's group (distributed.fit), and its workers get their own
+    # group from Ray Train.
     trial_resources = ray.tune.PlacementGroupFactory(
         [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": DATA_CPU_RESERVE}])
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(run_trial, trial_resources),
         param_space={"base": cfg.to_dict(), "overrides": sweep.trials,
                      "trial": ray.tune.grid_search(list(sweep.trials))},
-        tune_config=ray.tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
-                                        max_concurrent_trials=concurrency),
+        # No metric/mode here: Tune would demand the objective in every result, and the
+        # training curves (forwarded by TuneReportCallback) come before the evaluation.
+        # The winner is picked from the final results by `write_report`.
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=ray.tune.RunConfig(name=sweep.name, storage_path=str(out / "tune")),
     )
     grid = tuner.fit()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gensr_ray.config import GenSRConfig, from_dict
 from gensr_ray.data import contract
 
 EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
 # CPUs each read / tokenize task asks for. Ray Data only schedules its tasks on CPUs that
-# the trainer's workers leave free, and tokenizing is light; asking for less than a whole
-# CPU leaves room on small machines. (Inside a Tune trial on 2 cores the read still
-# starves: see README "Known problem".)
+# the trainer's workers leave free (or on a Tune trial's data bundle), and tokenizing is
+# light; asking for less than a whole CPU leaves room on small machines.
 DATA_TASK_CPUS = 0.25
 _ENCODERS: dict = {}  # per-process cache: tokenizer and item titles load once per task process
 
@@ -54,17 +54,28 @@ def encode_examples(batch: dict[str, np.ndarray], cfg: dict, backbone_dir: str) 
     })
 
 
+def read_shards(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
+    """Shard paths -> their example rows (map_batches function, one shard per call)."""
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in batch["path"]])
+
+
 def training_dataset(cfg: GenSRConfig, backbone_dir: str):
-    """The training split as a lazily executed Ray Dataset of pointwise rows."""
+    """The training split as a lazily executed Ray Dataset of pointwise rows.
+
+    The shard list is known from the contract, so reading is a map over paths rather than
+    `read_parquet`: its file-listing task always asks for a whole CPU, which a Tune trial's
+    data bundle on a small node cannot give. Every task here asks for DATA_TASK_CPUS.
+    """
     import ray.data
 
     files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
-    ds = ray.data.read_parquet(files, num_cpus=DATA_TASK_CPUS)
-    ds = ds.select_columns(EXAMPLE_COLUMNS)
-    if cfg.data.shuffle_seed >= 0:
-        ds = ds.randomize_block_order(seed=cfg.data.shuffle_seed)
+    if cfg.data.shuffle_seed >= 0:  # shard order; workers also shuffle rows in a local buffer
+        files = [files[i] for i in np.random.default_rng(cfg.data.shuffle_seed).permutation(len(files))]
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
+                        fn_kwargs={"columns": EXAMPLE_COLUMNS})
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS,
                           fn_kwargs={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir})
