@@ -21,7 +21,7 @@ from loader_fixtures import (
 
 from gensr_ray.cli import main as gensr
 from gensr_ray.data import contract
-from gensr_ray.data.amazon import clean_markup, load_amazon
+from gensr_ray.data.amazon import clean_markup, load_amazon, read_metadata
 from gensr_ray.data.contract import DataError
 from gensr_ray.pipeline import prepare_dataset
 
@@ -210,3 +210,11 @@ def test_missing_flags(tmp_path, capsys):
     assert code == 2 and "needs --reviews FILE and --meta FILE" in capsys.readouterr().err
     with pytest.raises(DataError, match="needs --data-dir"):
         prepare_dataset("kuaisar", tmp_path / "o", with_cf=False)
+
+
+def test_optional_metadata_fields_may_be_null_or_absent(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text(json.dumps({"asin": "B1", "title": None, "description": None,
+                                "category": None}) + "\n" + repr({"asin": "B2"}) + "\n")
+    items, _ = read_metadata(path)
+    assert items == {"B1": ("item B1", "item B1", []), "B2": ("item B2", "item B2", [])}

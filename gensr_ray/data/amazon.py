@@ -71,6 +71,9 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _strings(value, where: str, field: str) -> list[str]:
+    """An optional text field: a string, a list of strings, or absent (missing or null)."""
+    if value is None:
+        return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -83,12 +86,12 @@ def _category_paths(record: dict, where: str) -> list[list[str]]:
     """2014: `categories` = list of paths; 2018: `category` = one path. Levels cleaned."""
     paths = []
     if "categories" in record:
-        value = record["categories"]
+        value = record["categories"] or []
         if not isinstance(value, list) or not all(isinstance(p, list) for p in value):
             raise DataError(f"{where}: field 'categories' must be a list of category paths "
                             f"(lists of strings), got {type(value).__name__}")
         paths = [_strings(p, where, "categories") for p in value]
-    elif "category" in record:
+    elif record.get("category") is not None:
         paths = [_strings(record["category"], where, "category")]
     cleaned = []
     for path in paths:
@@ -114,8 +117,8 @@ def read_metadata(path: Path) -> tuple[dict[str, tuple[str, str, list[str]]], di
         stats["formats"].add("2014" if "categories" in record else
                              "2018" if "category" in record else "no categories")
         paths = _category_paths(record, where)
-        title = clean_markup(" ".join(_strings(record.get("title", ""), where, "title")))
-        description = clean_markup(" ".join(_strings(record.get("description", ""), where,
+        title = clean_markup(" ".join(_strings(record.get("title"), where, "title")))
+        description = clean_markup(" ".join(_strings(record.get("description"), where,
                                                      "description")))
         path_text = " > ".join(max(paths, key=len)) if paths else ""
         if not _usable_title(title):
