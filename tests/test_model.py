@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gensr_ray.config import GenSRConfig, apply_overrides
-from gensr_ray.model.gensr import GenSR, TargetAttention
+from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention
 from gensr_ray.model.losses import answer_loss, answer_score, info_nce
 from gensr_ray.model.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
 
@@ -56,6 +56,27 @@ def test_target_attention_matches_a_loop_reference():
         weights = torch.softmax(scores, 0)
         expected = sum(w * h[b, j] for w, j in zip(weights, valid))
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_layer_matches_torch_transformer_encoder_layer():
+    torch.manual_seed(0)
+    ours = EncoderLayer(8, 2, 16)
+    ref = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        for a, b in ((ref.self_attn.in_proj_weight, ours.qkv.weight),
+                     (ref.self_attn.in_proj_bias, ours.qkv.bias),
+                     (ref.self_attn.out_proj.weight, ours.out.weight),
+                     (ref.self_attn.out_proj.bias, ours.out.bias),
+                     (ref.linear1.weight, ours.ff_in.weight), (ref.linear1.bias, ours.ff_in.bias),
+                     (ref.linear2.weight, ours.ff_out.weight), (ref.linear2.bias, ours.ff_out.bias),
+                     (ref.norm1.weight, ours.norm_attn.weight), (ref.norm1.bias, ours.norm_attn.bias),
+                     (ref.norm2.weight, ours.norm_ff.weight), (ref.norm2.bias, ours.norm_ff.bias)):
+            b.copy_(a)
+    x = torch.randn(3, 5, 8)
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    expected = ref(x, src_key_padding_mask=~keep)
+    got = ours(x, keep)
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_splice_puts_each_soft_vector_at_its_slot():
@@ -172,6 +193,38 @@ def test_every_backbone_and_subspace_trains(tiny_data, backbone, targets, subspa
                     if "lora_A." in n}
         assert adapters == ({"shared"} if subspace == "shared_lora"
                             else {"shared", "search", "rec"})
+
+
+def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_data):
+    """ZeRO-3 needs every rank to run the same module sequence: a batch missing a task
+    still runs that task's pass (on one row, weight 0), and its scores do not change."""
+    from gensr_ray.data import contract
+    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+        "model.subspace": "task_lora"})
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    examples = contract.read_table(contract.examples_dir(tiny_data, "train")).slice(0, 12)
+    mixed = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+    rec_rows = (mixed["task"] == 1).nonzero(as_tuple=True)[0]
+    rec_only = {k: v[rec_rows] for k, v in mixed.items()}
+    assert set(mixed["task"].tolist()) == {0, 1} and set(rec_only["task"].tolist()) == {1}
+
+    calls = []
+    hook = model.lm.base_model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        for batch in (mixed, rec_only):
+            calls.clear()
+            logits = model(batch)["logits"]
+            assert len(calls) == 2  # one pass per task, always
+            logits.sum().backward()
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(rec_only)["logits"], model(mixed)["logits"][rec_rows],
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("subspace", ["shared_lora", "task_lora"])

@@ -14,6 +14,7 @@ this module: `answer_head_weight()` names it for the distribution layer.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
 
@@ -29,6 +30,36 @@ SUBSPACES = {
     "full": ([], {}),
 }
 TASK_NAMES = ("search", "rec")  # index = task id in batches
+
+
+class EncoderLayer(nn.Module):
+    """One post-norm transformer encoder layer (ReLU feed-forward, no dropout).
+
+    The same computation as nn.TransformerEncoderLayer, but every projection is called as a
+    module: nn.MultiheadAttention reads its output projection's weights without calling it,
+    which ZeRO-3's trace of module calls cannot follow (training then fails after a restore
+    with a "tracing error" in backward).
+    """
+
+    def __init__(self, dim: int, heads: int, ff_dim: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ff_in, self.ff_out = nn.Linear(dim, ff_dim), nn.Linear(ff_dim, dim)
+        self.norm_attn, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D]; keep [B, N] marks real positions (a row with none attends to all)."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        keep = keep | ~keep.any(-1, keepdim=True)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v,
+                                                              attn_mask=keep[:, None, None, :])
+        x = self.norm_attn(x + self.out(attended.transpose(1, 2).reshape(b, n, d)))
+        return self.norm_ff(x + self.ff_out(torch.relu(self.ff_in(x))))
 
 
 class TargetAttention(nn.Module):
@@ -66,12 +97,10 @@ class GenSR(nn.Module):
         self.register_buffer("cf_items", cf_items.float(), persistent=False)  # frozen
         width = lm.get_input_embeddings().embedding_dim
         cf_dim = cf_items.shape[1]
-        self.cf_encoder = nn.TransformerEncoderLayer(cf_dim, cfg.cf_heads, 2 * cf_dim, dropout=0.0,
-                                                     batch_first=True)
+        self.cf_encoder = EncoderLayer(cf_dim, cfg.cf_heads, 2 * cf_dim)
         self.cf_attention = TargetAttention(cf_dim)
         self.cf_proj = nn.Linear(cf_dim, width)
-        self.sem_encoder = nn.TransformerEncoderLayer(width, cfg.sem_heads, 2 * width,
-                                                      dropout=0.0, batch_first=True)
+        self.sem_encoder = EncoderLayer(width, cfg.sem_heads, 2 * width)
         self.sem_attention = TargetAttention(width)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
 
@@ -80,7 +109,7 @@ class GenSR(nn.Module):
 
     # -- the two views: encode the history once, pool it against each candidate -----------
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
-        return self.cf_encoder(self.cf_items[hist_items], src_key_padding_mask=~hist_mask)
+        return self.cf_encoder(self.cf_items[hist_items], hist_mask)
 
     def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
                 target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +122,7 @@ class GenSR(nn.Module):
         b, h, t = title_ids.shape
         tokens = self.lm.get_input_embeddings()(title_ids).reshape(b, h * t, -1)
         mask = title_mask.reshape(b, h * t)
-        return self.sem_encoder(tokens, src_key_padding_mask=~mask), mask
+        return self.sem_encoder(tokens, mask), mask
 
     def sem_pool(self, encoded: torch.Tensor, mask: torch.Tensor, target_title_ids: torch.Tensor,
                  target_title_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +204,13 @@ class GenSR(nn.Module):
         hidden = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
         for task_id, name in enumerate(TASK_NAMES):
             rows = (batch["task"] == task_id).nonzero(as_tuple=True)[0]
-            if len(rows):
-                with active_adapters(self.lm, self.active_per_task[name]):
-                    part = self.answer_hidden(embeds[rows], batch["attention_mask"][rows])
-                hidden = hidden.index_copy(0, rows, part)
+            # ZeRO-3 gathers the backbone's weights collectively, layer by layer, so every
+            # rank must run the same passes (forward and backward) whatever its rows: a task
+            # absent from this micro-batch still runs on one row, with weight 0 in the graph
+            run = rows if len(rows) else rows.new_zeros(1)
+            with active_adapters(self.lm, self.active_per_task[name]):
+                part = self.answer_hidden(embeds[run], batch["attention_mask"][run])
+            hidden = hidden.index_copy(0, rows, part) if len(rows) else hidden + 0.0 * part.sum()
         return hidden
 
     def answer_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
