@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import write_dataset
 
 from gensr_ray.cf.lightgcn import CFTables, LightGCNConfig
 from gensr_ray.data import contract
@@ -19,7 +20,6 @@ from gensr_ray.eval.harness import (
     load_eval_examples,
     write_results,
 )
-from helpers import write_dataset
 
 CORPUS = [
     "The Matrix: a sci-fi action film about a simulated world",

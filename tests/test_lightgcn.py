@@ -2,6 +2,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import write_dataset
 
 from gensr_ray.cf.lightgcn import (
     CFTables,
@@ -12,7 +13,6 @@ from gensr_ray.cf.lightgcn import (
     train_lightgcn,
 )
 from gensr_ray.data.contract import DataError
-from helpers import write_dataset
 
 ITEMS_PER_CLUSTER = 10
 USERS_PER_CLUSTER = 6

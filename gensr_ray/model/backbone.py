@@ -110,8 +110,15 @@ def build_vocabulary(texts) -> list[str]:
 def _build_tiny(name: str, words: list[str], out: Path) -> None:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-    from transformers import Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
