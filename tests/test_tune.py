@@ -40,6 +40,8 @@ def test_two_trial_sweep_on_the_debug_config_writes_a_report(ray_cluster, tmp_pa
     assert "lambda_0" in report and "minimal_query_blind" in report
     assert f"Winner: `{study['best']}`" in report
     assert (tmp_path / "study" / "report.png").stat().st_size > 1000
-    assert Path(study["experiment"]).is_dir()  # Tune's own results stay browsable
+    experiment = Path(study["experiment"])  # Tune's own results stay browsable
+    assert len(list(experiment.glob("*/result.json"))) == 2
+    assert len(list(experiment.glob("*/events.out.tfevents.*"))) == 2  # TensorBoard
 
 
