@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gensr_ray.cli import main as gensr
@@ -110,6 +111,127 @@ def test_same_seed_same_dataset_other_seed_other_negatives(tmp_path):
         metas.append(_examples(tmp_path / name, "test"))
     assert metas[0] == metas[1]
     assert [e["negatives"] for e in metas[0]] != [e["negatives"] for e in metas[2]]
+
+
+def _reference_tables(raw: RawDataset, opts: WriteOptions) -> dict[str, list[dict]]:
+    """Every table of the contract computed from its rules by plain loops over the raw rows."""
+    user_raw = sorted(set(raw.user_ids))
+    user_id = {u: i for i, u in enumerate(user_raw)}
+    item_id = {x: i for i, x in enumerate(raw.item_ids)}
+    rows = sorted(range(len(raw.user_ids)),
+                  key=lambda r: (user_id[raw.user_ids[r]], raw.timestamps[r], r))
+    by_user_task: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        by_user_task.setdefault((raw.user_ids[r], raw.tasks[r]), []).append(r)
+    split = {}
+    for group in by_user_task.values():
+        for k, r in enumerate(group):
+            from_end = len(group) - 1 - k
+            split[r] = ("test" if from_end == 0 and len(group) >= 2
+                        else "valid" if from_end == 1 and len(group) >= 3 else "train")
+    tables = {
+        "items": [{"item_id": i, "raw_id": r, "title": t, "text": x}
+                  for i, (r, t, x) in enumerate(zip(raw.item_ids, raw.titles, raw.texts))],
+        "users": [{"user_id": i, "raw_id": u} for i, u in enumerate(user_raw)],
+        "interactions": [
+            {"user_id": user_id[raw.user_ids[r]], "item_id": item_id[raw.inter_item_ids[r]],
+             "task": raw.tasks[r], "query": raw.queries[r], "timestamp": raw.timestamps[r],
+             "split": split[r]} for r in rows],
+    }
+    examples: dict[str, list[dict]] = {s: [] for s in contract.SPLITS}
+    next_id = 0
+    n_items = len(raw.item_ids)
+    for user in range(len(user_raw)):
+        mine = [r for r in rows if user_id[raw.user_ids[r]] == user]
+        touched = {item_id[raw.inter_item_ids[r]] for r in mine}
+        rng = np.random.default_rng([opts.seed, user])
+        earlier: list[tuple[int, int]] = []  # (item, split rank)
+        for r in mine:
+            rank = contract.SPLITS.index(split[r])
+            item = item_id[raw.inter_item_ids[r]]
+            history = [i for i, seen_rank in earlier if seen_rank <= rank][-opts.max_history:]
+            earlier.append((item, rank))
+            if not history:
+                continue
+            count = opts.train_negatives if rank == 0 else opts.eval_negatives
+            negatives: list[int] = []
+            while len(negatives) < count:  # seeded draws of 2 * count, first fits kept
+                for candidate in rng.integers(0, n_items, size=2 * count).tolist():
+                    if candidate not in touched and candidate not in negatives:
+                        negatives.append(candidate)
+                        if len(negatives) == count:
+                            break
+            examples[split[r]].append(
+                {"example_id": next_id, "user_id": user, "task": raw.tasks[r],
+                 "query": raw.queries[r], "timestamp": raw.timestamps[r], "history": history,
+                 "target": item, "negatives": negatives})
+            next_id += 1
+    for name in contract.SPLITS:
+        tables[f"examples/{name}"] = examples[name]
+    return tables
+
+
+def _tricky_raw() -> RawDataset:
+    """Synthetic events shuffled, plus users with equal timestamps and one or two events a task."""
+    raw = generate_synthetic(seed=4, n_users=40, n_items=150, events_per_user=14)
+    extra = [("tie", "i00001", "rec", None, 50), ("tie", "i00002", "rec", None, 50),
+             ("tie", "i00003", "search", "q tie", 50), ("tie", "i00004", "rec", None, 49),
+             ("two", "i00005", "rec", None, 7), ("two", "i00006", "search", "q two", 8),
+             ("two", "i00007", "rec", None, 9)]
+    for user, item, task, query, stamp in extra:
+        raw.user_ids.append(user)
+        raw.inter_item_ids.append(item)
+        raw.tasks.append(task)
+        raw.queries.append(query)
+        raw.timestamps.append(stamp)
+    permutation = np.random.default_rng(0).permutation(len(raw.user_ids)).tolist()
+    for column in ("user_ids", "inter_item_ids", "tasks", "queries", "timestamps"):
+        values = getattr(raw, column)
+        setattr(raw, column, [values[r] for r in permutation])
+    return raw
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_validation_events"])
+def test_written_tables_match_the_rules_row_for_row_and_shard_for_shard(tmp_path, case):
+    import pyarrow.parquet as pq
+
+    if case == "mixed":
+        raw = _tricky_raw()
+    else:  # at most two events per user and task: the valid split is empty
+        raw = _tiny_raw(user_ids=["u2", "u1", "u1", "u2", "u1"],
+                        inter_item_ids=["i1", "i2", "i3", "i4", "i5"],
+                        tasks=["rec", "rec", "search", "rec", "rec"],
+                        queries=[None, None, "q", None, None], timestamps=[5, 5, 5, 1, 5])
+    opts = WriteOptions(seed=11, max_history=5, rows_per_shard=50)
+    meta = write_dataset(raw, tmp_path / "out", opts)
+    expected = _reference_tables(raw, opts)
+    if case == "no_validation_events":
+        assert expected["examples/valid"] == [] and expected["examples/test"]
+    schemas = {"items": contract.ITEMS_SCHEMA, "users": contract.USERS_SCHEMA,
+               "interactions": contract.INTERACTIONS_SCHEMA}
+    for name, rows in expected.items():
+        files = contract.shard_files(tmp_path / "out" / name)
+        tables = [pq.read_table(f) for f in files]
+        per_shard = 1 << 30 if name in ("items", "users") else opts.rows_per_shard
+        full, rest = divmod(len(rows), per_shard)
+        shard_rows = [per_shard] * full + ([rest] if rest or not full else [])
+        assert [t.num_rows for t in tables] == shard_rows
+        assert [f.name for f in files] == [f"part-{k:05d}.parquet" for k in range(len(files))]
+        for table in tables:
+            assert table.schema.equals(schemas.get(name, contract.EXAMPLES_SCHEMA))
+        assert [r for t in tables for r in t.to_pylist()] == rows, name
+
+    counts = meta["counts"]
+    assert counts["users"] == len(expected["users"])
+    assert counts["distinct_queries"] == len({q for q in raw.queries if q})
+    for task in contract.TASKS:
+        assert counts["interactions"][task] == raw.tasks.count(task)
+        for split in contract.SPLITS:
+            assert counts["interactions_by_split"][split][task] == sum(
+                1 for r in expected["interactions"] if (r["split"], r["task"]) == (split, task))
+            assert counts["examples"][split][task] == sum(
+                1 for r in expected[f"examples/{split}"] if r["task"] == task)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
 
 
 def test_hem_queries():

@@ -12,6 +12,10 @@ Rules (see DESIGN.md):
   to events of its own split or an earlier one, so that no validation or test interaction
   ever appears in a training example (nor in CF pretraining, which reads split == train);
 - negatives are drawn once, seeded per user, among items the user never touched, and stored.
+
+Writing streams: the interactions are held as numpy columns, examples are generated user by
+user, and every table goes to parquet a shard at a time (`ShardWriter`), so the writer's memory
+grows with the number of events by a few tens of bytes each, not by the size of the rows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +38,9 @@ from gensr_ray.data.contract import DataError
 
 log = logging.getLogger(__name__)
 
-_SPLIT_RANK = {"train": 0, "valid": 1, "test": 2}
+_SPLIT_RANK = {name: rank for rank, name in enumerate(contract.SPLITS)}
+_TASK_CODE = {name: code for code, name in enumerate(contract.TASKS)}
+_CHUNK = 1 << 16  # events (or items) turned into one Arrow table at a time
 
 
 @dataclass
@@ -105,17 +112,53 @@ def _first_duplicate(values: list[str]) -> str:
     raise AssertionError("no duplicate")
 
 
+@dataclass
+class Interactions:
+    """The interaction log as compact columns, one entry per event in the loader's order."""
+
+    users: np.ndarray  # int32 user id (index into the sorted raw user ids)
+    items: np.ndarray  # int32 item id
+    tasks: np.ndarray  # int8 index into contract.TASKS
+    queries: np.ndarray  # object: the RawDataset's query strings (None for rec)
+    timestamps: np.ndarray  # int64
+    order: np.ndarray  # int64 permutation sorting events by (user, timestamp), ties by row
+    split: np.ndarray  # int8 index into contract.SPLITS
+
+
+def encode_interactions(raw: RawDataset, user_raw: list[str]) -> Interactions:
+    n = len(raw.user_ids)
+    item_index = {raw_id: i for i, raw_id in enumerate(raw.item_ids)}
+    user_index = {raw_id: i for i, raw_id in enumerate(user_raw)}
+    users = np.fromiter((user_index[u] for u in raw.user_ids), dtype=np.int32, count=n)
+    items = np.fromiter((item_index[i] for i in raw.inter_item_ids), dtype=np.int32, count=n)
+    tasks = np.fromiter((_TASK_CODE[t] for t in raw.tasks), dtype=np.int8, count=n)
+    queries = np.empty(n, dtype=object)
+    queries[:] = raw.queries
+    timestamps = np.asarray(raw.timestamps, dtype=np.int64)
+    # stable sort: events with equal timestamps keep the loader's order
+    order = np.lexsort((np.arange(n), timestamps, users))
+    return Interactions(users, items, tasks, queries, timestamps, order,
+                        assign_splits(users, tasks, order))
+
+
 def assign_splits(users: np.ndarray, tasks: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Split label per interaction; `order` sorts interactions by (user, timestamp)."""
-    split = np.full(len(users), "train", dtype=object)
-    last_seen: dict[tuple[int, str], list[int]] = {}
-    for idx in order:
-        last_seen.setdefault((int(users[idx]), tasks[idx]), []).append(int(idx))
-    for events in last_seen.values():
-        if len(events) >= 2:
-            split[events[-1]] = "test"
-        if len(events) >= 3:
-            split[events[-2]] = "valid"
+    """Split code per interaction (an index into contract.SPLITS); `order` sorts interactions
+    by (user, timestamp)."""
+    n = len(users)
+    split = np.zeros(n, dtype=np.int8)
+    if n == 0:
+        return split
+    # each (user, task)'s events together, in time order (a stable sort of `order`)
+    grouped = order[np.lexsort((np.arange(n), tasks[order], users[order]))]
+    user, task = users[grouped], tasks[grouped]
+    is_last = np.ones(n, dtype=bool)
+    is_last[:-1] = (user[1:] != user[:-1]) | (task[1:] != task[:-1])
+    ends = np.flatnonzero(is_last) + 1
+    sizes = np.diff(ends, prepend=0)
+    from_end = np.repeat(ends, sizes) - 1 - np.arange(n)  # 0 for a group's last event
+    size = np.repeat(sizes, sizes)
+    split[grouped[(from_end == 0) & (size >= 2)]] = _SPLIT_RANK["test"]
+    split[grouped[(from_end == 1) & (size >= 3)]] = _SPLIT_RANK["valid"]
     return split
 
 
@@ -139,47 +182,99 @@ def sample_negatives(rng: np.random.Generator, n_items: int, touched: set[int], 
     return np.asarray(chosen, dtype=np.int32)
 
 
-def build_examples(users, items, tasks, queries, timestamps, split, order, n_items, opts):
-    """Yield example rows (dicts of columns) split by split, in (user, time) order."""
-    rows = {s: [] for s in contract.SPLITS}
+def build_examples(data: Interactions, n_items: int, opts: WriteOptions
+                   ) -> Iterator[tuple[int, dict]]:
+    """(split code, example row) of every example, user by user, in (user, time) order.
+
+    Only one user's events are held at a time, so examples can be written as they come."""
     next_id = 0
-    boundaries = np.flatnonzero(np.diff(users[order])) + 1
-    for user_events in np.split(order, boundaries):
-        user = int(users[user_events[0]])
-        touched = set(int(i) for i in items[user_events])
+    sorted_users = data.users[data.order]
+    ends = np.append(np.flatnonzero(np.diff(sorted_users)) + 1, len(sorted_users))
+    start = 0
+    for end in ends.tolist():
+        user_events = data.order[start:end]
+        start = end
+        user = int(sorted_users[end - 1])
+        items = data.items[user_events].tolist()
+        touched = set(items)
         rng = np.random.default_rng([opts.seed, user])
-        seen: list[tuple[int, int]] = []  # (item, split rank) of earlier events, time order
-        for idx in user_events:
-            rank = _SPLIT_RANK[split[idx]]
-            history = [item for item, r in seen if r <= rank][-opts.max_history:]
-            seen.append((int(items[idx]), rank))
+        # visible[r]: items of earlier events (time order) that an example of split r may see
+        visible: list[list[int]] = [[] for _ in contract.SPLITS]
+        for item, rank, task, query, stamp in zip(
+                items, data.split[user_events].tolist(), data.tasks[user_events].tolist(),
+                data.queries[user_events].tolist(), data.timestamps[user_events].tolist()):
+            history = visible[rank][-opts.max_history:]
+            for r in range(rank, len(contract.SPLITS)):
+                visible[r].append(item)
             if not history:
                 continue
             count = opts.train_negatives if rank == 0 else opts.eval_negatives
-            rows[split[idx]].append(
-                {
-                    "example_id": next_id,
-                    "user_id": user,
-                    "task": tasks[idx],
-                    "query": queries[idx],
-                    "timestamp": int(timestamps[idx]),
-                    "history": history,
-                    "target": int(items[idx]),
-                    "negatives": sample_negatives(rng, n_items, touched, count, str(user)),
-                }
-            )
+            yield rank, {
+                "example_id": next_id,
+                "user_id": user,
+                "task": contract.TASKS[task],
+                "query": query,
+                "timestamp": stamp,
+                "history": history,
+                "target": item,
+                "negatives": sample_negatives(rng, n_items, touched, count, str(user)),
+            }
             next_id += 1
-    return rows
 
 
-def _write_shards(rows: list[dict], schema: pa.Schema, directory: Path, rows_per_shard: int) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = max(1, -(-len(rows) // rows_per_shard))
-    for s in range(shards):
-        chunk = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
-        table = pa.Table.from_pylist(chunk, schema=schema)
-        pq.write_table(table, directory / f"part-{s:05d}.parquet")
-    return shards
+class ShardWriter:
+    """One table written as it comes: part-00000.parquet, part-00001.parquet, ... of
+    `rows_per_shard` rows each, flushed as soon as a shard is full, so only one shard is held.
+    `close()` writes the rest, and an empty shard if the table has no rows."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, rows_per_shard: int):
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.rows_per_shard = rows_per_shard
+        self.shards = 0
+        self._pieces: list[pa.Table] = []  # tables given to extend(), and appended rows
+        self._columns: dict[str, list] = {name: [] for name in schema.names}
+        self._buffered = 0
+
+    def append(self, row: dict) -> None:
+        for name, values in self._columns.items():
+            values.append(row[name])
+        self._buffered += 1
+        if self._buffered == self.rows_per_shard:
+            self._flush()
+
+    def extend(self, table: pa.Table) -> None:
+        self._stage_rows()
+        start = 0
+        while start < table.num_rows:
+            take = min(self.rows_per_shard - self._buffered, table.num_rows - start)
+            self._pieces.append(table.slice(start, take))
+            self._buffered += take
+            start += take
+            if self._buffered == self.rows_per_shard:
+                self._flush()
+
+    def close(self) -> int:
+        if self._buffered or not self.shards:
+            self._flush()
+        return self.shards
+
+    def _stage_rows(self) -> None:
+        if self._columns[self.schema.names[0]]:
+            self._pieces.append(pa.Table.from_pydict(self._columns, schema=self.schema))
+            self._columns = {name: [] for name in self.schema.names}
+
+    def _flush(self) -> None:
+        self._stage_rows()
+        table = (pa.concat_tables(self._pieces).combine_chunks() if self._pieces
+                 else self.schema.empty_table())
+        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self._pieces = []
+        self._buffered = 0
 
 
 def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
@@ -190,45 +285,39 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
     end, so a failure (bad input, a crash, Ctrl-C) never leaves a half-written `out`.
     `after_build(tmp_dir)` runs inside the temporary directory before the move (used to
     pretrain the CF tables as part of the dataset). Returns meta.json's content.
+
+    Memory: beyond the RawDataset, the interactions are held as numpy columns (about 40 bytes
+    an event) and one shard of each table; examples are generated and written user by user.
     """
     opts = opts or WriteOptions()
+    if opts.rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {opts.rows_per_shard}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     validate(raw)
-
-    item_index = {raw_id: i for i, raw_id in enumerate(raw.item_ids)}
     user_raw = sorted(set(raw.user_ids))
-    user_index = {raw_id: i for i, raw_id in enumerate(user_raw)}
-    users = np.array([user_index[u] for u in raw.user_ids], dtype=np.int32)
-    items = np.array([item_index[i] for i in raw.inter_item_ids], dtype=np.int32)
-    tasks = np.array(raw.tasks, dtype=object)
-    queries = np.array(raw.queries, dtype=object)
-    timestamps = np.array(raw.timestamps, dtype=np.int64)
-    # stable sort: events with equal timestamps keep the loader's order
-    order = np.lexsort((np.arange(len(users)), timestamps, users))
-    split = assign_splits(users, tasks, order)
-    examples = build_examples(users, items, tasks, queries, timestamps, split, order,
-                              len(raw.item_ids), opts)
+    data = encode_interactions(raw, user_raw)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_shards(
-            [{"item_id": i, "raw_id": r, "title": t, "text": x}
-             for i, (r, t, x) in enumerate(zip(raw.item_ids, raw.titles, raw.texts))],
-            contract.ITEMS_SCHEMA, contract.items_dir(tmp), 1 << 30)
-        _write_shards([{"user_id": i, "raw_id": r} for i, r in enumerate(user_raw)],
-                      contract.USERS_SCHEMA, contract.users_dir(tmp), 1 << 30)
-        _write_shards(
-            [{"user_id": int(users[i]), "item_id": int(items[i]), "task": tasks[i],
-              "query": queries[i], "timestamp": int(timestamps[i]), "split": split[i]}
-             for i in order],
-            contract.INTERACTIONS_SCHEMA, contract.interactions_dir(tmp), opts.rows_per_shard)
-        for name in contract.SPLITS:
-            _write_shards(examples[name], contract.EXAMPLES_SCHEMA,
-                          contract.examples_dir(tmp, name), opts.rows_per_shard)
-        meta = _meta(raw, opts, users, tasks, split, examples)
+        items = ShardWriter(contract.items_dir(tmp), contract.ITEMS_SCHEMA, 1 << 30)
+        for lo in range(0, len(raw.item_ids), _CHUNK):
+            hi = lo + _CHUNK
+            items.extend(pa.Table.from_pydict(
+                {"item_id": np.arange(lo, min(hi, len(raw.item_ids)), dtype=np.int32),
+                 "raw_id": raw.item_ids[lo:hi], "title": raw.titles[lo:hi],
+                 "text": raw.texts[lo:hi]}, schema=contract.ITEMS_SCHEMA))
+        items.close()
+        users = ShardWriter(contract.users_dir(tmp), contract.USERS_SCHEMA, 1 << 30)
+        users.extend(pa.Table.from_pydict(
+            {"user_id": np.arange(len(user_raw), dtype=np.int32), "raw_id": user_raw},
+            schema=contract.USERS_SCHEMA))
+        users.close()
+        _write_interactions(data, contract.interactions_dir(tmp), opts.rows_per_shard)
+        example_counts = _write_examples(data, len(raw.item_ids), tmp, opts)
+        meta = _meta(raw, opts, len(user_raw), data, example_counts)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(raw, meta))
         if after_build is not None:
@@ -238,6 +327,35 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _write_interactions(data: Interactions, directory: Path, rows_per_shard: int) -> None:
+    """In (user, time) order, a chunk of events at a time."""
+    writer = ShardWriter(directory, contract.INTERACTIONS_SCHEMA, rows_per_shard)
+    task_names = np.array(contract.TASKS, dtype=object)
+    split_names = np.array(contract.SPLITS, dtype=object)
+    for lo in range(0, len(data.order), _CHUNK):
+        rows = data.order[lo:lo + _CHUNK]
+        writer.extend(pa.Table.from_pydict(
+            {"user_id": data.users[rows], "item_id": data.items[rows],
+             "task": task_names[data.tasks[rows]], "query": data.queries[rows],
+             "timestamp": data.timestamps[rows], "split": split_names[data.split[rows]]},
+            schema=contract.INTERACTIONS_SCHEMA))
+    writer.close()
+
+
+def _write_examples(data: Interactions, n_items: int, root: Path, opts: WriteOptions
+                    ) -> list[list[int]]:
+    """Write every split's examples as they are built; returns counts[split][task]."""
+    writers = [ShardWriter(contract.examples_dir(root, name), contract.EXAMPLES_SCHEMA,
+                           opts.rows_per_shard) for name in contract.SPLITS]
+    counts = [[0] * len(contract.TASKS) for _ in contract.SPLITS]
+    for rank, row in build_examples(data, n_items, opts):
+        writers[rank].append(row)
+        counts[rank][_TASK_CODE[row["task"]]] += 1
+    for writer in writers:
+        writer.close()
+    return counts
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -250,13 +368,11 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _meta(raw, opts, users, tasks, split, examples) -> dict:
-    def count(task: str, name: str | None = None) -> int:
-        mask = tasks == task
-        if name is not None:
-            mask &= split == name
-        return int(mask.sum())
-
+def _meta(raw: RawDataset, opts: WriteOptions, n_users: int, data: Interactions,
+          example_counts: list[list[int]]) -> dict:
+    n_tasks = len(contract.TASKS)
+    by_split = np.bincount(data.split.astype(np.int64) * n_tasks + data.tasks,
+                           minlength=len(contract.SPLITS) * n_tasks).reshape(-1, n_tasks)
     return {
         "schema_version": contract.SCHEMA_VERSION,
         "source": raw.source,
@@ -264,16 +380,17 @@ def _meta(raw, opts, users, tasks, split, examples) -> dict:
         "max_history": opts.max_history,
         "negatives": {"train": opts.train_negatives, "eval": opts.eval_negatives},
         "counts": {
-            "users": int(len(set(users.tolist()))),
+            "users": n_users,
             "items": len(raw.item_ids),
-            "interactions": {t: count(t) for t in contract.TASKS},
+            "interactions": {t: int(by_split[:, k].sum()) for k, t in enumerate(contract.TASKS)},
             "distinct_queries": len({q for q in raw.queries if q}),
             "interactions_by_split": {
-                s: {t: count(t, s) for t in contract.TASKS} for s in contract.SPLITS
+                s: {t: int(by_split[r, k]) for k, t in enumerate(contract.TASKS)}
+                for r, s in enumerate(contract.SPLITS)
             },
             "examples": {
-                s: {t: sum(1 for r in examples[s] if r["task"] == t) for t in contract.TASKS}
-                for s in contract.SPLITS
+                s: {t: example_counts[r][k] for k, t in enumerate(contract.TASKS)}
+                for r, s in enumerate(contract.SPLITS)
             },
         },
         "loader": raw.notes,
