@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 _SPLIT_RANK = {name: rank for rank, name in enumerate(contract.SPLITS)}
 _TASK_CODE = {name: code for code, name in enumerate(contract.TASKS)}
 _CHUNK = 1 << 16  # events (or items) turned into one Arrow table at a time
+_ONE_SHARD = 1 << 30  # items and users are one shard each (their ids are row indexes)
 
 
 @dataclass
@@ -288,7 +289,9 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
     pretrain the CF tables as part of the dataset). Returns meta.json's content.
 
     Memory: beyond the RawDataset, the interactions are held as numpy columns (about 40 bytes
-    an event) and one shard of each table; examples are generated and written user by user.
+    an event) and one shard of each table (the items and users tables are one shard each, as
+    Arrow, a fraction of the RawDataset's strings); examples are generated and written user by
+    user.
     """
     opts = opts or WriteOptions()
     if opts.rows_per_shard < 1:
@@ -303,7 +306,7 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        items = ShardWriter(contract.items_dir(tmp), contract.ITEMS_SCHEMA, 1 << 30)
+        items = ShardWriter(contract.items_dir(tmp), contract.ITEMS_SCHEMA, _ONE_SHARD)
         for lo in range(0, len(raw.item_ids), _CHUNK):
             hi = lo + _CHUNK
             items.extend(pa.Table.from_pydict(
@@ -311,7 +314,7 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
                  "raw_id": raw.item_ids[lo:hi], "title": raw.titles[lo:hi],
                  "text": raw.texts[lo:hi]}, schema=contract.ITEMS_SCHEMA))
         items.close()
-        users = ShardWriter(contract.users_dir(tmp), contract.USERS_SCHEMA, 1 << 30)
+        users = ShardWriter(contract.users_dir(tmp), contract.USERS_SCHEMA, _ONE_SHARD)
         users.extend(pa.Table.from_pydict(
             {"user_id": np.arange(len(user_raw), dtype=np.int32), "raw_id": user_raw},
             schema=contract.USERS_SCHEMA))
