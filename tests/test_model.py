@@ -72,6 +72,10 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer():
                      (ref.norm1.weight, ours.norm_attn.weight), (ref.norm1.bias, ours.norm_attn.bias),
                      (ref.norm2.weight, ours.norm_ff.weight), (ref.norm2.bias, ours.norm_ff.bias)):
             b.copy_(a)
+    # initialised like torch's layer: zero attention biases, Xavier-uniform q/k/v weights
+    fresh = EncoderLayer(8, 2, 16)
+    assert not fresh.qkv.bias.any() and not fresh.out.bias.any()
+    assert fresh.qkv.weight.abs().max() <= math.sqrt(6 / (8 + 24))
     x = torch.randn(3, 5, 8)
     keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     expected = ref(x, src_key_padding_mask=~keep)

@@ -50,6 +50,10 @@ class EncoderLayer(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.ff_in, self.ff_out = nn.Linear(dim, ff_dim), nn.Linear(ff_dim, dim)
         self.norm_attn, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        # initialised as nn.MultiheadAttention initialises its projections
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """x [B, N, D]; keep [B, N] marks real positions (a row with none attends to all)."""
