@@ -83,6 +83,8 @@ class ScaleConfig:
     num_workers: int = _f(1, "Ray Train workers (0: Ray Train local mode, in this process)")
     use_gpu: bool = _f(False, "one GPU per worker, NCCL; False: CPU accelerator and gloo")
     cpus_per_worker: float = _f(0.5, "CPUs reserved per worker; leave some for Ray Data")
+    data_cpus: float = _f(0.5, "CPUs a Tune trial reserves for its Ray Data read/tokenize "
+                               "tasks (outside Tune they use the CPUs workers leave free)")
     zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
     bf16: bool = _f(False, "bf16 mixed precision (GPUs)")
     fused_adam: bool = _f(False, "DeepSpeed FusedAdam (compiles; GPUs) instead of torch AdamW")

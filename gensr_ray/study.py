@@ -26,7 +26,6 @@ import yaml
 
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, from_dict
 
-DATA_CPU_RESERVE = 0.5  # CPU per trial for Ray Data's read/tokenize tasks
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
 
 
@@ -66,7 +65,7 @@ def load_sweep(path: str | Path) -> Sweep:
 def max_concurrent_trials(cfg: GenSRConfig, resources: dict) -> int:
     """How many trials fit the cluster at once, from what one trial's trainer reserves."""
     workers = max(1, cfg.scale.num_workers)
-    per_trial_cpu = workers * cfg.scale.cpus_per_worker + DATA_CPU_RESERVE + TRIAL_DRIVER_CPU
+    per_trial_cpu = workers * cfg.scale.cpus_per_worker + cfg.scale.data_cpus + TRIAL_DRIVER_CPU
     fits = math.floor(resources.get("CPU", 0) / per_trial_cpu)
     if cfg.scale.use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / workers))
@@ -124,7 +123,7 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     # dataset runs inside the trial's group (distributed.fit), and its workers get their own
     # group from Ray Train.
     trial_resources = ray.tune.PlacementGroupFactory(
-        [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": DATA_CPU_RESERVE}])
+        [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": cfg.scale.data_cpus}])
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(run_trial, trial_resources),
         param_space={"base": cfg.to_dict(), "overrides": sweep.trials,

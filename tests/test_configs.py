@@ -75,3 +75,6 @@ def test_trial_concurrency_follows_resources():
                                           "scale.cpus_per_worker": 4})
     assert max_concurrent_trials(gpu, {"CPU": 128.0, "GPU": 16.0}) == 4
     assert max_concurrent_trials(gpu, {"CPU": 8.0, "GPU": 16.0}) == 1
+    # the Ray Data bundle counts: 2 x 0.5 + 4 + 0.1 CPUs a trial
+    more_data = apply_overrides(cpu, {"scale.data_cpus": 4})
+    assert max_concurrent_trials(more_data, {"CPU": 16.0}) == 3
