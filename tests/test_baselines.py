@@ -116,14 +116,15 @@ def test_evaluate_baselines_structure_and_popularity_is_perfect(tmp_path, caplog
         scorers = build_baselines(root)
     assert "training them now" in caplog.text
     assert contract.cf_path(root).is_file()
-    assert set(scorers) == {"popularity", "lightgcn", "bm25"}
+    assert set(scorers) == {"popularity", "lightgcn", "sasrec", "bm25"}
 
     results = evaluate(root, "test", scorers, ks=(1, 5, 10, 20))
     assert results["split"] == "test"
     assert results["num_examples"] == {"search": 2, "rec": 2}
-    assert set(results["models"]) == {"popularity", "lightgcn", "bm25"}
+    assert set(results["models"]) == {"popularity", "lightgcn", "sasrec", "bm25"}
     assert set(results["models"]["bm25"]) == {"search"}
     assert set(results["models"]["lightgcn"]) == {"search", "rec"}
+    assert set(results["models"]["sasrec"]) == {"search", "rec"}
     for per_task in results["models"].values():
         for protocols in per_task.values():
             assert set(protocols) == {"sampled", "full"}

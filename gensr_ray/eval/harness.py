@@ -252,13 +252,15 @@ def write_results(results: dict, path: Path) -> None:
 
 
 def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
-    """popularity, lightgcn and bm25 scorers for a prepared dataset.
+    """popularity, lightgcn, sasrec and bm25 scorers for a prepared dataset.
 
     LightGCN tables are read from cf/lightgcn.npz; when that file is missing they are trained
     with the default config (train split only) and saved there, so later runs reuse them.
+    SASRec does the same with cf/sasrec.pt, on its first use rather than here.
     """
     from gensr_ray.cf.lightgcn import LightGCNConfig, load_cf, save_cf, train_lightgcn
     from gensr_ray.eval.baselines import BM25, LightGCNBaseline, Popularity
+    from gensr_ray.eval.sasrec import SASRecBaseline
 
     items = contract.read_table(contract.items_dir(data_dir), columns=["item_id", "text"])
     n_items = items.num_rows
@@ -285,5 +287,5 @@ def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
             "belong to another dataset, delete the file to retrain"
         )
     texts = [text or "" for text in items.column("text").to_pylist()]
-    models = [Popularity(counts), LightGCNBaseline(cf), BM25(texts)]
+    models = [Popularity(counts), LightGCNBaseline(cf), SASRecBaseline(data_dir, n_items), BM25(texts)]
     return {model.name: DenseScorer(model) for model in models}
