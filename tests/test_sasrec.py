@@ -1,5 +1,6 @@
 import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -97,7 +98,7 @@ def test_learns_a_sequential_pattern_popularity_cannot_and_caches_the_model(tmp_
     caplog.clear()
     batch = {"history": [np.array([4, 5, 6]), np.array([58, 59])]}
     with caplog.at_level(logging.INFO, logger="gensr_ray.eval.sasrec"):
-        reloaded = SASRecBaseline(root, N_ITEMS)
+        reloaded = SASRecBaseline(root, N_ITEMS, WALK_CONFIG)
         np.testing.assert_array_equal(reloaded.query_vectors(batch),
                                       sasrec.model.query_vectors(batch))
         np.testing.assert_array_equal(reloaded.item_vectors(), sasrec.model.item_vectors())
@@ -116,4 +117,11 @@ def test_learns_a_sequential_pattern_popularity_cannot_and_caches_the_model(tmp_
     sasrec_path(other).parent.mkdir(parents=True)
     shutil.copy(path, sasrec_path(other))
     with pytest.raises(DataError, match="60 items but the items table has 12.*another dataset"):
-        SASRecBaseline(other, 12).item_vectors()
+        SASRecBaseline(other, 12, WALK_CONFIG).item_vectors()
+
+    # A saved model trained with another config is replaced, not reused.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gensr_ray.eval.sasrec"):
+        SASRecBaseline(root, N_ITEMS, replace(WALK_CONFIG, epochs=1)).item_vectors()
+    assert "training it again" in caplog.text
+    assert torch.load(path, weights_only=True)["config"]["epochs"] == 1

@@ -24,7 +24,6 @@ contract's leak-free history). It ignores the query, like LightGCN.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,9 +45,14 @@ class SASRecConfig:
     n_heads: int = 1  # the paper found one head enough
     max_len: int = 50  # positions; longer train sequences are cut into windows
     dropout: float = 0.2  # the paper's rate for MovieLens-1M
-    epochs: int = 40
+    # Measured on ml-100k validation (2 CPU cores, ~0.9 s an epoch; rec sampled HR@10 / full
+    # Recall@20): lr 1e-3: 10 epochs 0.596 / 0.188, 20: 0.692 / 0.228, 40: 0.738 / 0.244;
+    # lr 3e-3: 10: 0.652 / 0.202, 20: 0.714 / 0.234, 30: 0.714 / 0.243, 40: 0.722 / 0.255;
+    # lr 2e-3, 30: 0.720 / 0.252. Past 20 epochs at 3e-3 the gains are within the noise of 940
+    # examples (+-0.015) for twice the time, so 20 epochs (~18 s).
+    epochs: int = 20
     batch_size: int = 128  # windows per Adam step
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 42
 
 
@@ -64,13 +68,22 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.dim)
+        # Small normal init (BERT/GPT style). Unit-variance embeddings (torch's default) make the
+        # initial logits h . e of order sqrt(dim) and slow BCE training down several-fold.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.item_emb.weight[n_items].zero_()
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [b, max_len], left-padded with n_items -> hidden states [b, max_len, dim]."""
         length = items.shape[1]
         real = items != self.n_items  # [b, L]
         positions = torch.arange(self.config.max_len - length, self.config.max_len)
-        x = self.item_emb(items) * math.sqrt(self.config.dim) + self.pos_emb(positions)
+        x = self.item_emb(items) + self.pos_emb(positions)
         x = self.dropout(x) * real.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # A position attends to earlier real items and always to itself, so a padding position
@@ -148,6 +161,7 @@ def _windows(sequences: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray
     return windows, np.asarray(owner, dtype=np.int64)
 
 
+@torch.enable_grad()  # a caller scoring under no_grad may be the one that triggers training
 def fit_sasrec(sequences: list[np.ndarray], n_items: int, config: SASRecConfig) -> SASRec:
     """Train on the given item sequences (oldest first); the data-free core of `train_sasrec`."""
     from gensr_ray.cf.lightgcn import _sample_negatives
@@ -234,7 +248,8 @@ class SASRecBaseline:
     history, item vectors = the item embedding table. It ignores the query, like LightGCN.
 
     The model is loaded from cf/sasrec.pt on first use, or trained (train split only) and saved
-    there when the file is missing, so evaluations that never score with it never train it.
+    there when the file is missing or was trained with another config, so evaluations that never
+    score with it never train it.
     """
 
     name = "sasrec"
@@ -251,8 +266,13 @@ class SASRecBaseline:
             path = sasrec_path(self.data_dir)
             if path.is_file():
                 self._model = load_sasrec(path, self.n_items)
+                if self._model.config != self.config:
+                    log.info("SASRec model at %s was trained with %s, not %s; training it again",
+                             path, self._model.config, self.config)
+                    self._model = None
             else:
                 log.info("no SASRec model at %s; training it now (train split only)", path)
+            if self._model is None:
                 started = time.monotonic()
                 self._model = train_sasrec(self.data_dir, self.n_items, self.config)
                 save_sasrec(self._model, path)
@@ -266,5 +286,6 @@ class SASRecBaseline:
             return model.last_hidden(torch.from_numpy(items)).numpy().astype(np.float32)
 
     def item_vectors(self) -> np.ndarray:
+        model = self.model()
         with torch.no_grad():
-            return self.model().item_table().numpy().astype(np.float32)
+            return model.item_table().numpy().astype(np.float32)
