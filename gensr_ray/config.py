@@ -106,7 +106,7 @@ class EvalConfig:
     batch_size: int = _f(200, "rows per scoring forward pass")
     rerank_depth: int = _f(50, "first-stage candidates GenSR reranks in the full protocol")
     first_stage: str = _f("lightgcn", "dense first stage of the full protocol: lightgcn | "
-                                      "popularity (bm25 too for search)")
+                                      "sasrec | popularity (bm25 too for search)")
     first_stage_search: str = _f("", "first stage for search only (empty: first_stage)")
 
 

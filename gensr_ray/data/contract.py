@@ -10,6 +10,7 @@ A prepared dataset is a directory::
       interactions/part-*.parquet    INTERACTIONS_SCHEMA, sorted by (user_id, timestamp)
       examples/{train,valid,test}/part-*.parquet   EXAMPLES_SCHEMA, both tasks mixed
       cf/lightgcn.npz                frozen LightGCN tables (see gensr_ray.cf)
+      cf/sasrec.pt                   the SASRec baseline, trained on first evaluation
 
 Item and user ids are contiguous integers (0..n-1) so they index embedding tables and faiss
 indexes directly; the dataset's own ids are kept in `raw_id`. Example splits are written as

@@ -63,6 +63,17 @@ class GenSRScorer:
 
 def build_gensr_scorer(model, backbone, cfg, baselines: dict) -> GenSRScorer:
     """GenSR with the first stages its config names, taken from `build_baselines`."""
-    stage = {"rec": baselines[cfg.eval.first_stage],
-             "search": baselines[cfg.eval.first_stage_search or cfg.eval.first_stage]}
+    from gensr_ray.config import ConfigError
+
+    names = {"rec": ("eval.first_stage", cfg.eval.first_stage),
+             "search": ("eval.first_stage_search" if cfg.eval.first_stage_search
+                        else "eval.first_stage",
+                        cfg.eval.first_stage_search or cfg.eval.first_stage)}
+    stage = {}
+    for task, (setting, name) in names.items():
+        if name not in baselines or (task == "rec" and name == "bm25"):
+            options = sorted(b for b in baselines if task == "search" or b != "bm25")
+            raise ConfigError(f"{setting}={name!r} is not a {task} first stage; "
+                              f"expected one of {options}")
+        stage[task] = baselines[name]
     return GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth, cfg.eval.batch_size)
