@@ -54,9 +54,19 @@ def encode_examples(batch: dict[str, np.ndarray], cfg: dict, backbone_dir: str) 
     })
 
 
-def read_shards(batch: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
-    """Shard paths -> their example rows (map_batches function, one shard per call)."""
-    return pa.concat_tables([pq.read_table(path, columns=columns) for path in batch["path"]])
+def read_shards(batch: dict[str, np.ndarray], columns: list[str], seed: int) -> pa.Table:
+    """Shard paths -> their example rows (map_batches function, one shard per call).
+
+    Shards hold examples in (user, time) order; with seed >= 0 each shard's rows are
+    permuted (seeded by the shard's position), so a batch mixes users."""
+    tables = []
+    for path, position in zip(batch["path"], batch["position"]):
+        table = pq.read_table(path, columns=columns)
+        if seed >= 0:
+            rng = np.random.default_rng([seed, int(position)])
+            table = table.take(rng.permutation(table.num_rows))
+        tables.append(table)
+    return pa.concat_tables(tables)
 
 
 def training_dataset(cfg: GenSRConfig, backbone_dir: str):
@@ -71,11 +81,13 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
     files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
-    if cfg.data.shuffle_seed >= 0:  # shard order; workers also shuffle rows in a local buffer
-        files = [files[i] for i in np.random.default_rng(cfg.data.shuffle_seed).permutation(len(files))]
-    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    seed = cfg.data.shuffle_seed
+    if seed >= 0:  # shard order and rows within shards; workers also mix a local buffer
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    ds = ray.data.from_items([{"path": f, "position": i} for i, f in enumerate(files)],
+                             override_num_blocks=len(files))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                        fn_kwargs={"columns": EXAMPLE_COLUMNS})
+                        fn_kwargs={"columns": EXAMPLE_COLUMNS, "seed": seed})
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS,
                           fn_kwargs={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir})
