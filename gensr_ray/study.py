@@ -104,7 +104,8 @@ def run_trial(config: dict) -> None:
     results = evaluate(cfg.data.path, "valid", {"gensr": scorer},
                        max_examples=cfg.eval.max_examples, seed=cfg.eval.seed)
     write_results(results, out / "valid_results.json")
-    ray.tune.report({**flatten(results), "trial": config["trial"], "step": summary["metrics"]["step"],
+    ray.tune.report({**flatten(results), "trial": config["trial"],
+                     "step": summary["metrics"]["step"],
                      "checkpoint": summary["checkpoint"]})
 
 

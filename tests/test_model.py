@@ -69,7 +69,8 @@ def test_encoder_layer_matches_torch_transformer_encoder_layer():
                      (ref.self_attn.out_proj.bias, ours.out.bias),
                      (ref.linear1.weight, ours.ff_in.weight), (ref.linear1.bias, ours.ff_in.bias),
                      (ref.linear2.weight, ours.ff_out.weight), (ref.linear2.bias, ours.ff_out.bias),
-                     (ref.norm1.weight, ours.norm_attn.weight), (ref.norm1.bias, ours.norm_attn.bias),
+                     (ref.norm1.weight, ours.norm_attn.weight),
+                     (ref.norm1.bias, ours.norm_attn.bias),
                      (ref.norm2.weight, ours.norm_ff.weight), (ref.norm2.bias, ours.norm_ff.bias)):
             b.copy_(a)
     # initialised like torch's layer: zero attention biases, Xavier-uniform q/k/v weights

@@ -18,7 +18,8 @@ def test_read_shards_permutes_rows_within_a_shard_by_seed_and_keeps_every_exampl
     batch = {"path": np.array(files[:1]), "position": np.array([0])}
 
     in_order = read_shards(batch, EXAMPLE_COLUMNS, seed=-1)
-    first_rows = contract.read_table(contract.examples_dir(out, "train")).slice(0, in_order.num_rows)
+    train = contract.read_table(contract.examples_dir(out, "train"))
+    first_rows = train.slice(0, in_order.num_rows)
     assert in_order.column("example_id").equals(first_rows.column("example_id"))  # file order
 
     shuffled = read_shards(batch, EXAMPLE_COLUMNS, seed=3)
