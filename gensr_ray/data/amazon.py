@@ -252,16 +252,7 @@ def load_amazon(reviews: Path, meta: Path, seed: int = 42,
     user_codes, user_values = filters.encode(users)
     item_codes, item_values = filters.encode(asins)
     stamps = np.asarray(times, dtype=np.int64)
-    keep, dropped["duplicate_events"], dropped["repeat_events"] = filters.first_per_pair(
-        user_codes[known], item_codes[known], stamps[known])
-    mask = np.zeros(len(asins), dtype=bool)
-    mask[np.flatnonzero(known)[keep]] = True
-    before = int(mask.sum())
-    mask = filters.k_core(user_codes, item_codes, k_core, mask)
-    dropped["below_k_core"] = before - int(mask.sum())
-    before = int(mask.sum())
-    mask = filters.min_events_per_user(user_codes, mask)
-    dropped["users_with_single_event"] = before - int(mask.sum())
+    mask = filters.filter_events(user_codes, item_codes, stamps, known, k_core, dropped)
     dropped["duplicate_metadata"] = meta_stats["duplicate_metadata"]
     rows = np.flatnonzero(mask)
     if len(rows) == 0:

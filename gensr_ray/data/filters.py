@@ -53,6 +53,23 @@ def min_events_per_user(users: np.ndarray, keep: np.ndarray, minimum: int = 2) -
     return keep & (count[users] >= minimum)
 
 
+def filter_events(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
+                  keep: np.ndarray, k: int, dropped: dict) -> np.ndarray:
+    """The loaders' event filters in order (first per pair, k-core, single-event users) on
+    the events in `keep`; each drop is counted into `dropped`. Returns the new keep-mask."""
+    rows = np.flatnonzero(keep)
+    first, dropped["duplicate_events"], dropped["repeat_events"] = first_per_pair(
+        users[rows], items[rows], timestamps[rows])
+    keep = np.zeros(len(users), dtype=bool)
+    keep[rows[first]] = True
+    for name, step in (("below_k_core", lambda m: k_core(users, items, k, m)),
+                       ("users_with_single_event", lambda m: min_events_per_user(users, m))):
+        before = int(keep.sum())
+        keep = step(keep)
+        dropped[name] = before - int(keep.sum())
+    return keep
+
+
 def encode(values) -> tuple[np.ndarray, list]:
     """Dense integer codes (first-seen order) and the distinct values."""
     index: dict = {}

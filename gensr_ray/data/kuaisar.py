@@ -346,17 +346,7 @@ def load_kuaisar(data_dir: Path, k_core: int = K_CORE) -> RawDataset:
     keep &= ~no_keyword
     _, user_codes = np.unique(users, return_inverse=True)
     _, item_codes = np.unique(items, return_inverse=True)
-    rows = np.flatnonzero(keep)
-    first, dropped["duplicate_events"], dropped["repeat_events"] = filters.first_per_pair(
-        user_codes[rows], item_codes[rows], times[rows])
-    keep = np.zeros(len(users), dtype=bool)
-    keep[rows[first]] = True
-    before = int(keep.sum())
-    keep = filters.k_core(user_codes, item_codes, k_core, keep)
-    dropped["below_k_core"] = before - int(keep.sum())
-    before = int(keep.sum())
-    keep = filters.min_events_per_user(user_codes, keep)
-    dropped["users_with_single_event"] = before - int(keep.sum())
+    keep = filters.filter_events(user_codes, item_codes, times, keep, k_core, dropped)
     rows = np.flatnonzero(keep)
     if not len(rows):
         raise DataError(f"{data_dir}: no events left after filtering (dropped: {dropped}); "
