@@ -13,11 +13,11 @@ def bench_data(path: str | None, n_users: int = 200, n_items: int = 400) -> Path
         return Path(path)
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
     from gensr_ray.data import contract
-    from gensr_ray.data.build import write_dataset
-    from gensr_ray.data.synthetic import generate_synthetic
+    from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+    from gensr_ray.data.writer import write_dataset
 
     out = Path(tempfile.mkdtemp(prefix="gensr-bench-")) / "data"
-    write_dataset(generate_synthetic(seed=0, n_users=n_users, n_items=n_items, events_per_user=30),
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0, n_users=n_users, n_items=n_items, events_per_user=30)),
                   out, after_build=lambda d: save_cf(train_lightgcn(d, LightGCNConfig(epochs=10)),
                                                      contract.cf_path(d)))
     return out

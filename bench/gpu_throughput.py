@@ -43,10 +43,11 @@ def main() -> None:
               "Run it on a GPU node with the gpu extra installed.", file=sys.stderr)
         raise SystemExit(2)
     quiet()
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import apply_overrides, load_config
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
-    from gensr_ray.pipeline import run_training
+    from gensr_ray.inputs.build import build_features
+    from gensr_ray.train.launch import run_training
 
     gpus = args.gpus or torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)

@@ -56,7 +56,7 @@ def draw_events(args: argparse.Namespace) -> dict:
 def raw_dataset(args: argparse.Namespace):
     """A RawDataset shaped like load_kuaisar's output (one string object per id, as it makes
     them; query strings shared between events of the same query)."""
-    from gensr_ray.data.build import RawDataset
+    from gensr_ray.data.writer import RawDataset
 
     ev = draw_events(args)
     titles = [f"Funny / Funny joke | {' '.join(f'w{w}' for w in ws)}"
@@ -106,16 +106,16 @@ def child(args: argparse.Namespace) -> None:
     """Build the RawDataset (and write it when --out is given); print one JSON line."""
     sys.path.insert(0, args.code)
     import gensr_ray
-    from gensr_ray.data.build import WriteOptions, write_dataset
+    from gensr_ray.data.writer import WriteOptions, write_dataset
 
     if args.write_csv:
         write_csvs(args, Path(args.write_csv))
         return
     t0 = time.perf_counter()
     if args.csv:
-        from gensr_ray.data.kuaisar import load_kuaisar
+        from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
 
-        raw = load_kuaisar(Path(args.csv))
+        raw = load_kuaisar(KuaiSAROptions(Path(args.csv)))
     else:
         raw = raw_dataset(args)
     report = {"code": str(Path(gensr_ray.__file__).parent.parent),

@@ -31,9 +31,10 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import GenSRConfig, apply_overrides
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.inputs.build import build_features
     from gensr_ray.model.losses import answer_score
 
     torch.set_num_threads(args.threads)

@@ -28,8 +28,9 @@ def plain_loop(cfg, steps: int, warmup: int) -> float:
     """Rows/s of forward -> loss -> backward -> AdamW step with no distribution at all."""
     import torch
 
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.inputs.build import build_features
     from gensr_ray.model.gensr import gensr_loss
 
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
@@ -67,8 +68,7 @@ def main() -> None:
     import torch
 
     from gensr_ray.config import GenSRConfig, apply_overrides
-    from gensr_ray.distributed import ensure_ray
-    from gensr_ray.pipeline import run_training
+    from gensr_ray.train.launch import ensure_ray, run_training
 
     data = bench_data(args.data, n_users=300, n_items=500)
     cfg = apply_overrides(GenSRConfig(), {

@@ -19,14 +19,39 @@ import time
 from pathlib import Path
 
 
-def _prepare(args: argparse.Namespace) -> None:
-    from gensr_ray.pipeline import prepare_dataset
+def _loader_options(args: argparse.Namespace):
+    """The options object of the dataset's loader, from the flags that apply to it."""
+    from gensr_ray.data.contract import DataError
+    from gensr_ray.prepare import DATASETS
 
-    prepare_dataset(args.dataset, args.out, seed=args.seed, source=args.source,
-                    search_fraction=args.search_fraction, rows_per_shard=args.rows_per_shard,
-                    with_cf=not args.no_cf, overwrite=args.overwrite, reviews=args.reviews,
-                    meta=args.meta, data_dir=args.data_dir, k_core=args.k_core,
-                    query_files=args.query_files)
+    options = DATASETS[args.dataset]
+    fraction = {} if args.search_fraction is None else {"search_fraction": args.search_fraction}
+    k_core = {} if args.k_core is None else {"k_core": args.k_core}
+    if args.dataset == "ml100k":
+        return options(source=args.source, seed=args.seed, **fraction)
+    if args.dataset == "synthetic":
+        return options(seed=args.seed, **fraction)
+    if args.dataset == "amazon":
+        if args.reviews is None or args.meta is None:
+            raise DataError("--dataset amazon needs --reviews FILE and --meta FILE")
+        return options(reviews=args.reviews, meta=args.meta, query_files=args.query_files,
+                       seed=args.seed, **fraction, **k_core)
+    if args.data_dir is None:
+        raise DataError("--dataset kuaisar needs --data-dir DIR (with rec_inter.csv, "
+                        "src_inter.csv and item_features.csv)")
+    if fraction:
+        raise DataError("--search-fraction does not apply to kuaisar (its search events are "
+                        "real)")
+    return options(data_dir=args.data_dir, **k_core)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from gensr_ray.data.writer import WriteOptions
+    from gensr_ray.prepare import prepare_dataset
+
+    write = WriteOptions(seed=args.seed, rows_per_shard=args.rows_per_shard,
+                         overwrite=args.overwrite)
+    prepare_dataset(_loader_options(args), args.out, write, with_cf=not args.no_cf)
 
 
 def _pretrain_cf(args: argparse.Namespace) -> None:
@@ -41,37 +66,16 @@ def _pretrain_cf(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from gensr_ray.data.contract import read_meta
-    from gensr_ray.eval.harness import build_baselines, evaluate, format_table, write_results
+    from gensr_ray.eval.harness import format_table, write_results
+    from gensr_ray.eval.run import evaluate_run
 
     if not (args.checkpoint or args.baselines):
         raise SystemExit("gensr eval: nothing to evaluate; pass --checkpoint and/or --baselines")
-    started = time.perf_counter()
-    cfg = None
-    if args.checkpoint:
-        from gensr_ray.checkpoint import read_checkpoint_config
-
-        cfg = read_checkpoint_config(args.checkpoint)
-    data = args.data or (Path(cfg.data.path) if cfg else None)
-    if data is None:
+    if not (args.checkpoint or args.data):
         raise SystemExit("gensr eval: --data is required with --baselines alone")
-    read_meta(data)
-    baselines = build_baselines(data)
-    scorers = dict(baselines) if args.baselines else {}
-    max_examples, seed = args.max_examples, 0
-    if cfg is not None:
-        from gensr_ray.checkpoint import load_for_eval
-        from gensr_ray.eval.gensr_scorer import build_gensr_scorer
-
-        cfg.data.path = str(data)
-        model, backbone, cfg = load_for_eval(args.checkpoint, cfg)
-        scorers["gensr"] = build_gensr_scorer(model, backbone, cfg, baselines)
-        max_examples = cfg.eval.max_examples if max_examples is None else max_examples
-        seed = cfg.eval.seed
-    results = evaluate(data, args.split or (cfg.eval.split if cfg else "test"), scorers,
-                       max_examples=max_examples or 0, seed=seed)
-    if args.checkpoint:
-        results["checkpoint"] = str(args.checkpoint)
+    started = time.perf_counter()
+    results = evaluate_run(args.checkpoint, args.data, args.split, args.baselines,
+                           args.max_examples)
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
@@ -82,7 +86,8 @@ def _train(args: argparse.Namespace) -> None:
     import json
 
     from gensr_ray.config import load_config
-    from gensr_ray.pipeline import ensure_data, run_training
+    from gensr_ray.prepare import ensure_data
+    from gensr_ray.train.launch import run_training
 
     cfg = ensure_data(load_config(args.config, args.set))
     result = run_training(cfg, args.out)
@@ -92,7 +97,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     from gensr_ray.config import load_config
-    from gensr_ray.pipeline import ensure_data
+    from gensr_ray.prepare import ensure_data
     from gensr_ray.study import load_sweep, run_study
 
     sweep = load_sweep(args.sweep)

@@ -14,18 +14,31 @@ from typing import Any
 
 import yaml
 
+# The valid values of choice settings. They live here, below every module that implements
+# them, so a config is checked when it loads (CLI, sweep files, tests), not in a Ray worker;
+# the implementing modules check at import that they build exactly these.
+PROMPT_DESIGNS = ("authors", "no_history_titles", "no_soft_tokens", "minimal")
+SUBSPACES = ("shared_lora", "task_lora", "task_and_shared_lora", "full")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+FIRST_STAGES = ("lightgcn", "sasrec", "popularity")  # dense: serve both tasks
+SEARCH_FIRST_STAGES = ("", *FIRST_STAGES, "bm25")  # "": the same as eval.first_stage
+DATASETS_TO_PREPARE = ("", "ml100k", "synthetic")  # those that need no input files
+SPLITS = ("valid", "test")
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+
+def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
 class DataConfig:
     path: str = _f("data/synthetic", "prepared dataset directory (gensr prepare --out)")
     prepare_if_missing: str = _f("", "dataset to prepare into `path` when it does not exist "
-                                     "(ml100k | synthetic; empty: fail instead)")
+                                     "(ml100k | synthetic; empty: fail instead)",
+                                 choices=DATASETS_TO_PREPARE)
     title_tokens: int = _f(10, "tokens per history title in the semantic view (cut or padded)")
     target_title_tokens: int = _f(32, "tokens of the candidate title for its mean embedding")
     prompt_title_tokens: int = _f(12, "tokens per title when titles are written into the prompt")
@@ -37,9 +50,11 @@ class ModelConfig:
     backbone: str = _f("preset:tiny-llama",
                        "local HF model directory, or preset:NAME (tiny-llama, tiny-t5, "
                        "smollm2-135m, smollm2-135m-L<n> for its first n layers)")
-    prompt: str = _f("authors", "prompt design by name (gensr_ray.model.prompts.PROMPTS)")
+    prompt: str = _f("authors", "prompt design by name (gensr_ray.inputs.prompts.PROMPTS)",
+                     choices=PROMPT_DESIGNS)
     subspace: str = _f("shared_lora",
-                       "shared_lora | task_lora | task_and_shared_lora | full")
+                       "shared_lora | task_lora | task_and_shared_lora | full",
+                       choices=SUBSPACES)
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
@@ -94,20 +109,23 @@ class ScaleConfig:
     max_failures: int = _f(0, "worker-group restarts from the latest checkpoint on failure "
                               "(-1: unlimited)")
     placement_strategy: str = _f("PACK", "where workers go: PACK | SPREAD | STRICT_SPREAD "
-                                         "(one node each) | STRICT_PACK")
+                                         "(one node each) | STRICT_PACK",
+                                     choices=PLACEMENT_STRATEGIES)
     num_to_keep: int = _f(2, "checkpoints kept")
 
 
 @dataclass
 class EvalConfig:
-    split: str = _f("test", "valid | test")
+    split: str = _f("test", "valid | test", choices=SPLITS)
     max_examples: int = _f(0, "seeded subset of examples per task (0: all)")
     seed: int = _f(0, "seed of that subset")
     batch_size: int = _f(200, "rows per scoring forward pass")
     rerank_depth: int = _f(50, "first-stage candidates GenSR reranks in the full protocol")
     first_stage: str = _f("lightgcn", "dense first stage of the full protocol: lightgcn | "
-                                      "sasrec | popularity (bm25 too for search)")
-    first_stage_search: str = _f("", "first stage for search only (empty: first_stage)")
+                                      "sasrec | popularity (bm25 too for search)",
+                          choices=FIRST_STAGES)
+    first_stage_search: str = _f("", "first stage for search only (empty: first_stage; "
+                                     "bm25 allowed)", choices=SEARCH_FIRST_STAGES)
 
 
 @dataclass
@@ -137,13 +155,19 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
     values = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             values[name] = from_dict(value or {}, kind, key)
-        else:
-            values[name] = _coerce(value, kind, key)
+            continue
+        values[name] = _coerce(value, kind, key)
+        choices = fields[name].metadata.get("choices")
+        if choices and values[name] not in choices:
+            shown = ", ".join(repr(c) if c == "" else c for c in choices)
+            raise ConfigError(f"{key}={values[name]!r} is not a valid choice; expected one of: "
+                              f"{shown}")
     return cls(**values)
 
 

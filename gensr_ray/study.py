@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, from_dict
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
 
@@ -86,23 +86,19 @@ def flatten(results: dict, model: str = "gensr") -> dict[str, float]:
     return flat
 
 
-def run_trial(config: dict) -> None:
+def run_trial(config: dict, base: GenSRConfig) -> None:
     """One Tune trial: fit its own trainer, evaluate on validation, report to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from gensr_ray.checkpoint import load_for_eval
-    from gensr_ray.eval.gensr_scorer import build_gensr_scorer
-    from gensr_ray.eval.harness import build_baselines, evaluate, write_results
-    from gensr_ray.pipeline import run_training
+    from gensr_ray.eval.harness import write_results
+    from gensr_ray.eval.run import evaluate_run
+    from gensr_ray.train.launch import run_training
 
-    cfg = apply_overrides(from_dict(config["base"]), config["overrides"][config["trial"]])
+    cfg = apply_overrides(base, config["overrides"][config["trial"]])
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
-    model, backbone, cfg = load_for_eval(summary["checkpoint"], cfg)
-    scorer = build_gensr_scorer(model, backbone, cfg, build_baselines(cfg.data.path))
-    results = evaluate(cfg.data.path, "valid", {"gensr": scorer},
-                       max_examples=cfg.eval.max_examples, seed=cfg.eval.seed)
+    results = evaluate_run(summary["checkpoint"], split="valid", cfg=cfg)
     write_results(results, out / "valid_results.json")
     ray.tune.report({**flatten(results), "trial": config["trial"],
                      "step": summary["metrics"]["step"],
@@ -114,20 +110,22 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     import ray
     import ray.tune
 
-    from gensr_ray.distributed import ensure_ray
+    from gensr_ray.train.launch import ensure_ray
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     # The trial reserves a bundle for its Ray Data tasks beside its driver's; the trainer's
-    # dataset runs inside the trial's group (distributed.fit), and its workers get their own
+    # dataset runs inside the trial's group (train.launch.fit), and its workers get their own
     # group from Ray Train.
     trial_resources = ray.tune.PlacementGroupFactory(
         [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": cfg.scale.data_cpus}])
+    # the base config reaches trials as an object (with_parameters), never re-parsed
+    trainable = ray.tune.with_parameters(run_trial, base=cfg)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(run_trial, trial_resources),
-        param_space={"base": cfg.to_dict(), "overrides": sweep.trials,
+        ray.tune.with_resources(trainable, trial_resources),
+        param_space={"overrides": sweep.trials,
                      "trial": ray.tune.grid_search(list(sweep.trials))},
         # No metric/mode here: Tune would demand the objective in every result, and the
         # training curves (forwarded by TuneReportCallback) come before the evaluation.

@@ -43,7 +43,7 @@ def ray_cluster(_ray_temp_dir, model_cache):
     import ray
     import ray.data
 
-    from gensr_ray.distributed import ensure_ray
+    from gensr_ray.train.launch import ensure_ray
 
     ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=_ray_temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -21,9 +21,8 @@ from loader_fixtures import (
 
 from gensr_ray.cli import main as gensr
 from gensr_ray.data import contract
-from gensr_ray.data.amazon import clean_markup, load_amazon, read_metadata
+from gensr_ray.data.amazon import AmazonOptions, clean_markup, load_amazon, read_metadata
 from gensr_ray.data.contract import DataError
-from gensr_ray.pipeline import prepare_dataset
 
 HEM_QUERIES = {"books science fiction fantasy", "books mystery thriller suspense thrillers",
                "kindle store ebooks romance", "books romance"}
@@ -64,7 +63,7 @@ def test_2014_release_end_to_end(tmp_path, capsys):
 
 def test_2018_release_html_titles_and_repeated_metadata(tmp_path):
     reviews, meta = write_amazon_2018(tmp_path / "raw")
-    raw = load_amazon(reviews, meta, seed=0)
+    raw = load_amazon(AmazonOptions(reviews, meta, seed=0))
     titles = dict(zip(raw.item_ids, raw.titles))
     texts = dict(zip(raw.item_ids, raw.texts))
     assert titles[asin(0)] == "Trail Shoe 0"  # <span> stripped
@@ -113,10 +112,10 @@ def test_k_core_setting_and_single_event_users(tmp_path):
     extra = [review_line("ALONE", asin(5), 1_400_000_600),
              review_line("PAIR", asin(6), 1), review_line("PAIR", asin(7), 2)]
     reviews, meta = write_amazon_2014(tmp_path / "raw", extra_reviews=extra)
-    raw = load_amazon(reviews, meta, k_core=1)
+    raw = load_amazon(AmazonOptions(reviews, meta, k_core=1))
     assert raw.notes["dropped"]["users_with_single_event"] == 1
     assert "PAIR" in raw.user_ids and "ALONE" not in raw.user_ids
-    assert "PAIR" not in load_amazon(reviews, meta, k_core=3).user_ids
+    assert "PAIR" not in load_amazon(AmazonOptions(reviews, meta, k_core=3)).user_ids
 
 
 def test_hem_query_files(tmp_path):
@@ -129,7 +128,7 @@ def test_hem_query_files(tmp_path):
     qrels = [f"{reviewer(u)}_{u % 2} 0 {asin((u * PER_USER) % 120)} 1" for u in range(N_USERS)]
     qrels.append(f"{reviewer(0)}_0 0 {asin(1)} 0")  # label 0: not relevant
     (hem / "train.qrels.gz").write_bytes(gzip.compress(("\n".join(qrels) + "\n").encode()))
-    raw = load_amazon(reviews, meta, query_files=hem, search_fraction=1.0)
+    raw = load_amazon(AmazonOptions(reviews, meta, query_files=hem, search_fraction=1.0))
     by_pair = {(u, a): q for u, a, q in zip(raw.user_ids, raw.inter_item_ids, raw.queries)}
     assert by_pair[(reviewer(0), asin(0))] == "space opera"
     assert by_pair[(reviewer(1), asin(10))] == "kindle sci fi"
@@ -173,7 +172,7 @@ def test_bad_review_lines(tmp_path, capsys, lines, message):
 def test_bad_metadata_lines(tmp_path, line, message):
     reviews, meta = write_amazon_2014(tmp_path / "raw", extra_meta=[line])
     with pytest.raises(DataError, match=re.escape(f"{meta}: line 121: {message}")):
-        load_amazon(reviews, meta)
+        load_amazon(AmazonOptions(reviews, meta))
 
 
 def test_unreadable_files(tmp_path):
@@ -182,34 +181,34 @@ def test_unreadable_files(tmp_path):
     cut = tmp_path / "cut.json.gz"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut.json.gz: line \d+: cannot read past this point"):
-        load_amazon(cut, meta)
+        load_amazon(AmazonOptions(cut, meta))
     bad_utf8 = tmp_path / "latin1.json"
     bad_utf8.write_bytes(gzip.decompress(data) + b'{"reviewerID": "Ren\xe9"}\n')
     with pytest.raises(DataError, match=f"latin1.json: line {N_USERS * PER_USER + 1}: not UTF-8"):
-        load_amazon(bad_utf8, meta)
+        load_amazon(AmazonOptions(bad_utf8, meta))
     empty = tmp_path / "empty.json.gz"
     empty.write_bytes(gzip.compress(b"\n\n"))
     with pytest.raises(DataError, match="empty.json.gz: empty file"):
-        load_amazon(empty, meta)
+        load_amazon(AmazonOptions(empty, meta))
     with pytest.raises(DataError, match="nope.json: file not found"):
-        load_amazon(tmp_path / "nope.json", meta)
+        load_amazon(AmazonOptions(tmp_path / "nope.json", meta))
     (tmp_path / "not_gzip.gz").write_bytes(b"\x1f\x8bthis is not a gzip stream")
     with pytest.raises(DataError, match="not_gzip.gz: line 1: cannot read past this point"):
-        load_amazon(tmp_path / "not_gzip.gz", meta)
+        load_amazon(AmazonOptions(tmp_path / "not_gzip.gz", meta))
 
 
 def test_nothing_left_after_filtering_is_an_error(tmp_path):
     reviews, meta = write_amazon_2014(tmp_path / "raw")
     with pytest.raises(DataError, match="no events left after filtering"):
-        load_amazon(reviews, meta, k_core=50)
+        load_amazon(AmazonOptions(reviews, meta, k_core=50))
 
 
 def test_missing_flags(tmp_path, capsys):
     code = gensr(["prepare", "--dataset", "amazon", "--reviews", "r.json", "--out",
                   str(tmp_path / "o")])
     assert code == 2 and "needs --reviews FILE and --meta FILE" in capsys.readouterr().err
-    with pytest.raises(DataError, match="needs --data-dir"):
-        prepare_dataset("kuaisar", tmp_path / "o", with_cf=False)
+    code = gensr(["prepare", "--dataset", "kuaisar", "--out", str(tmp_path / "o")])
+    assert code == 2 and "needs --data-dir" in capsys.readouterr().err
 
 
 def test_optional_metadata_fields_may_be_null_or_absent(tmp_path):

@@ -169,13 +169,13 @@ def test_full_protocol_never_excludes_the_example_s_own_target(tmp_path):
 
 def test_an_unknown_or_search_only_first_stage_is_a_config_error():
     from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
-    from gensr_ray.eval.gensr_scorer import build_gensr_scorer
 
-    stages = {"popularity": object(), "lightgcn": object(), "bm25": object()}
     for overrides, message in (({"eval.first_stage": "nope"}, "eval.first_stage='nope'"),
-                               ({"eval.first_stage": "bm25"}, "not a rec first stage"),
+                               ({"eval.first_stage": "bm25"},
+                                "eval.first_stage='bm25' .* lightgcn, sasrec, popularity$"),
                                ({"eval.first_stage_search": "nope"},
                                 "eval.first_stage_search='nope'")):
-        cfg = apply_overrides(GenSRConfig(), overrides)
         with pytest.raises(ConfigError, match=message):
-            build_gensr_scorer(None, None, cfg, stages)
+            apply_overrides(GenSRConfig(), overrides)
+    cfg = apply_overrides(GenSRConfig(), {"eval.first_stage_search": "bm25"})
+    assert cfg.eval.first_stage_search == "bm25"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, load_config
+from gensr_ray.inputs.prompts import PROMPTS
 from gensr_ray.model.gensr import SUBSPACES
-from gensr_ray.model.prompts import PROMPTS
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 TRAINING_CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
@@ -78,3 +78,38 @@ def test_trial_concurrency_follows_resources():
     # the Ray Data bundle counts: 2 x 0.5 + 4 + 0.1 CPUs a trial
     more_data = apply_overrides(cpu, {"scale.data_cpus": 4})
     assert max_concurrent_trials(more_data, {"CPU": 16.0}) == 3
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("model.prompt", "authorz"), ("model.subspace", "lora"),
+    ("scale.placement_strategy", "pack"), ("eval.split", "train"),
+    ("data.prepare_if_missing", "amazon")])
+def test_choice_settings_are_checked_when_the_config_loads(tmp_path, setting, value):
+    """A wrong choice fails at load time, naming the setting and the valid choices, in the
+    CLI's overrides, in config files and in sweep files alike."""
+    from gensr_ray import config
+    from gensr_ray.study import load_sweep
+
+    field = setting.split(".")[1]
+    choices = {"prompt": config.PROMPT_DESIGNS, "subspace": config.SUBSPACES,
+               "placement_strategy": config.PLACEMENT_STRATEGIES, "split": config.SPLITS,
+               "prepare_if_missing": config.DATASETS_TO_PREPARE}[field]
+    shown = ", ".join(c for c in choices if c)
+    with pytest.raises(ConfigError, match=f"{setting}={value!r} is not a valid choice.*{shown}"):
+        apply_overrides(GenSRConfig(), [f"{setting}={value}"])
+    section, key = setting.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=f"c.yaml: {setting}={value!r}"):
+        load_config(path)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"trials:\n  bad: {{{setting}: {value}}}\n")
+    with pytest.raises(ConfigError, match=f"trial 'bad': {setting}={value!r}"):
+        load_sweep(sweep)
+
+
+def test_the_choice_lists_are_what_the_modules_build():
+    from gensr_ray import config
+
+    assert tuple(PROMPTS) == config.PROMPT_DESIGNS
+    assert tuple(SUBSPACES) == config.SUBSPACES

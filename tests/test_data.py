@@ -10,17 +10,17 @@ import pytest
 
 from gensr_ray.cli import main as gensr
 from gensr_ray.data import contract
-from gensr_ray.data.build import RawDataset, WriteOptions, write_dataset
 from gensr_ray.data.contract import DataError
-from gensr_ray.data.movielens import load_ml100k
+from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.queries import query_from_path
-from gensr_ray.data.synthetic import generate_synthetic
+from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
 
 
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    write_dataset(generate_synthetic(seed=3), out, WriteOptions(seed=7, rows_per_shard=500))
+    write_dataset(generate_synthetic(SyntheticOptions(seed=3)), out, WriteOptions(seed=7, rows_per_shard=500))
     return out
 
 
@@ -107,7 +107,7 @@ def test_histories_and_negatives(synthetic_dir):
 def test_same_seed_same_dataset_other_seed_other_negatives(tmp_path):
     metas = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        write_dataset(generate_synthetic(seed=1), tmp_path / name, WriteOptions(seed=seed))
+        write_dataset(generate_synthetic(SyntheticOptions(seed=1)), tmp_path / name, WriteOptions(seed=seed))
         metas.append(_examples(tmp_path / name, "test"))
     assert metas[0] == metas[1]
     assert [e["negatives"] for e in metas[0]] != [e["negatives"] for e in metas[2]]
@@ -173,7 +173,7 @@ def _reference_tables(raw: RawDataset, opts: WriteOptions) -> dict[str, list[dic
 
 def _tricky_raw() -> RawDataset:
     """Synthetic events shuffled, plus users with equal timestamps and one or two events a task."""
-    raw = generate_synthetic(seed=4, n_users=40, n_items=150, events_per_user=14)
+    raw = generate_synthetic(SyntheticOptions(seed=4, n_users=40, n_items=150, events_per_user=14))
     extra = [("tie", "i00001", "rec", None, 50), ("tie", "i00002", "rec", None, 50),
              ("tie", "i00003", "search", "q tie", 50), ("tie", "i00004", "rec", None, 49),
              ("two", "i00005", "rec", None, 7), ("two", "i00006", "search", "q two", 8),
@@ -304,7 +304,7 @@ def _write_ml100k(root: Path, inter_header: str | None = None, inter_rows=None) 
 
 
 def test_ml100k_loader_on_files_in_the_recbole_format(tmp_path):
-    raw = load_ml100k(_write_ml100k(tmp_path / "ml"), seed=1, search_fraction=0.25)
+    raw = load_ml100k(MovieLensOptions(_write_ml100k(tmp_path / "ml"), seed=1, search_fraction=0.25))
     assert len(raw.user_ids) == 60  # the rating-2 row is dropped
     assert raw.titles[0] == "Movie 1 (1991)"
     assert raw.texts[0] == "Movie 1 (1991) | Comedy, Drama"
@@ -335,7 +335,7 @@ def test_ml100k_bad_files(tmp_path, capsys, header, rows, message):
 
 def test_real_ml100k_from_the_recbole_wheel(tmp_path):
     """The embedded default: downloads the 2 MB wheel from PyPI once into $GENSR_CACHE."""
-    raw = load_ml100k(seed=42)
+    raw = load_ml100k(MovieLensOptions(seed=42))
     out = tmp_path / "ml100k"
     meta = write_dataset(raw, out)
     counts = meta["counts"]

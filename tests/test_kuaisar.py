@@ -19,7 +19,7 @@ from loader_fixtures import (
 from gensr_ray.cli import main as gensr
 from gensr_ray.data import contract, kuaisar
 from gensr_ray.data.contract import DataError
-from gensr_ray.data.kuaisar import id_words, load_kuaisar
+from gensr_ray.data.kuaisar import KuaiSAROptions, id_words, load_kuaisar
 
 REC_END, SRC_END, ITEM_END = 962, 642, 122  # line of the first extra row in each file
 
@@ -61,16 +61,16 @@ def test_release_shaped_csvs_end_to_end(tmp_path, capsys):
 
 def test_streaming_in_small_blocks_gives_the_same_dataset(tmp_path, monkeypatch):
     data_dir = write_kuaisar(tmp_path / "raw")
-    whole = load_kuaisar(data_dir)
+    whole = load_kuaisar(KuaiSAROptions(data_dir))
     monkeypatch.setattr(kuaisar, "BLOCK_SIZE", 4096)  # many record batches per file
-    blocks = load_kuaisar(data_dir)
+    blocks = load_kuaisar(KuaiSAROptions(data_dir))
     for field in ("item_ids", "titles", "texts", "user_ids", "inter_item_ids", "tasks",
                   "queries", "timestamps"):
         assert getattr(blocks, field) == getattr(whole, field)
     # line numbers stay right across batches
     write_kuaisar(data_dir, rec_extra=[_rec(1, "x12", 1.0)])
     with pytest.raises(DataError, match=f"rec_inter.csv: line {REC_END}: column 'item_id'"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
 
 
 def test_drops_are_counted_and_recorded(tmp_path, capsys):
@@ -130,27 +130,27 @@ def test_bad_files(tmp_path):
     items.write_bytes(items.read_bytes() + f"{kuaisar_item_id(500)},[1],10,NORMAL,2023-04-22,"
                       "x,9,,F\xe9,1,,,0,,,0,,\n".encode("latin-1"))
     with pytest.raises(DataError, match=f"item_features.csv: line {ITEM_END}: not UTF-8"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     rec = data_dir / "rec_inter.csv"
     good = rec.read_bytes()
     rec.write_bytes(b"")
     with pytest.raises(DataError, match="rec_inter.csv: empty file"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     rec.write_bytes(good.splitlines(keepends=True)[0])
     with pytest.raises(DataError, match="rec_inter.csv: no data rows"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     write_csv(rec, [h if h != "click" else "clicked" for h in [""] + REC_HEADER], [])
     with pytest.raises(DataError, match=r"rec_inter.csv: missing column\(s\) \['click'\]"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     rec.write_bytes(good)
     write_csv(data_dir / "src_inter.csv", [h for h in SRC_HEADER if h != "keyword"], [])
     with pytest.raises(DataError, match=r"src_inter.csv: missing column\(s\) \['keyword'\]"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     (data_dir / "item_features.csv").unlink()
     with pytest.raises(DataError, match="item_features.csv: file not found"):
-        load_kuaisar(data_dir)
+        load_kuaisar(KuaiSAROptions(data_dir))
     with pytest.raises(DataError, match="nowhere: KuaiSAR directory not found"):
-        load_kuaisar(tmp_path / "nowhere")
+        load_kuaisar(KuaiSAROptions(tmp_path / "nowhere"))
 
 
 def test_word_id_lists():
@@ -163,4 +163,4 @@ def test_word_id_lists():
 
 def test_k_core_removes_sparse_items(tmp_path):
     data_dir = write_kuaisar(tmp_path / "raw")
-    assert len(load_kuaisar(data_dir, k_core=7).item_ids) < N_ITEMS
+    assert len(load_kuaisar(KuaiSAROptions(data_dir, k_core=7)).item_ids) < N_ITEMS

@@ -21,11 +21,11 @@ from loader_fixtures import (
     write_kuaisar,
 )
 
-from gensr_ray.data.amazon import load_amazon
+from gensr_ray.data.amazon import AmazonOptions, load_amazon
 from gensr_ray.data.contract import DataError
-from gensr_ray.data.kuaisar import id_words, load_kuaisar
+from gensr_ray.data.kuaisar import KuaiSAROptions, id_words, load_kuaisar
 from gensr_ray.data.textio import iter_records, parse_record
-from gensr_ray.pipeline import prepare_dataset
+from gensr_ray.prepare import prepare_dataset
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -75,11 +75,11 @@ def _amazon_files(tmp: Path) -> tuple[Path, Path]:
     return tmp / "reviews.json", tmp / "meta.json"
 
 
-def _prepare_fails_cleanly(tmp: Path, **kwargs) -> None:
+def _prepare_fails_cleanly(tmp: Path, options) -> None:
     """prepare_dataset succeeds, or raises a DataError naming a file and writes nothing."""
     out = tmp / "out"
     try:
-        prepare_dataset(out=out, with_cf=False, **kwargs)
+        prepare_dataset(options, out, with_cf=False)
     except DataError as exc:
         assert str(tmp) in str(exc)
         assert not out.exists() and not list(tmp.glob(".out.tmp-*"))
@@ -100,7 +100,7 @@ def test_amazon_malformed_line_anywhere(which, position, line):
             if name == which:
                 lines.insert(position % (len(lines) + 1), line)
             path.write_text("\n".join(lines) + "\n")
-        _prepare_fails_cleanly(tmp, dataset="amazon", reviews=reviews, meta=meta)
+        _prepare_fails_cleanly(tmp, AmazonOptions(reviews, meta))
 
 
 @SETTINGS
@@ -116,7 +116,7 @@ def test_amazon_review_fields_of_any_type(fields):
         reviews.write_bytes(BASE_AMAZON["reviews"] + json.dumps(record).encode() + b"\n")
         meta.write_bytes(BASE_AMAZON["meta"])
         try:
-            load_amazon(reviews, meta)
+            load_amazon(AmazonOptions(reviews, meta))
         except DataError as exc:
             assert str(exc).startswith(f"{reviews}: line 801: ")
 
@@ -133,7 +133,7 @@ def test_kuaisar_malformed_row(which, row):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_dir = write_kuaisar(tmp / "raw", **extra)
-        _prepare_fails_cleanly(tmp, dataset="kuaisar", data_dir=data_dir)
+        _prepare_fails_cleanly(tmp, KuaiSAROptions(data_dir))
 
 
 @SETTINGS
@@ -155,6 +155,6 @@ def test_kuaisar_raw_bytes_in_a_file(data):
         with open(data_dir / "src_inter.csv", "ab") as fh:
             fh.write(data)
         try:
-            load_kuaisar(data_dir)
+            load_kuaisar(KuaiSAROptions(data_dir))
         except DataError as exc:
             assert str(data_dir / "src_inter.csv") in str(exc)

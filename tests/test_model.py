@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gensr_ray.config import GenSRConfig, apply_overrides
+from gensr_ray.inputs.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
 from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention
 from gensr_ray.model.losses import answer_loss, answer_score, info_nce
-from gensr_ray.model.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
 
 
 def test_info_nce_matches_a_loop_reference():
@@ -154,14 +154,14 @@ def test_unknown_prompt_and_subspace_are_rejected():
 def tiny_data(tmp_path_factory, model_cache):
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
     from gensr_ray.data import contract
-    from gensr_ray.data.build import write_dataset
-    from gensr_ray.data.synthetic import generate_synthetic
+    from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+    from gensr_ray.data.writer import write_dataset
 
     def with_cf(tmp):
         save_cf(train_lightgcn(tmp, LightGCNConfig(epochs=2)), contract.cf_path(tmp))
 
     out = tmp_path_factory.mktemp("model") / "data"
-    write_dataset(generate_synthetic(seed=2, n_users=20, n_items=130, events_per_user=8), out,
+    write_dataset(generate_synthetic(SyntheticOptions(seed=2, n_users=20, n_items=130, events_per_user=8)), out,
                   after_build=with_cf)
     return out
 
@@ -170,8 +170,9 @@ def tiny_data(tmp_path_factory, model_cache):
                                                ("tiny-t5", ["q", "v"])])
 @pytest.mark.parametrize("subspace", ["shared_lora", "task_and_shared_lora", "full"])
 def test_every_backbone_and_subspace_trains(tiny_data, backbone, targets, subspace):
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.inputs.build import build_features
     from gensr_ray.model.gensr import gensr_loss
 
     cfg = apply_overrides(GenSRConfig(), {
@@ -203,8 +204,9 @@ def test_every_backbone_and_subspace_trains(tiny_data, backbone, targets, subspa
 def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_data):
     """ZeRO-3 needs every rank to run the same module sequence: a batch missing a task
     still runs that task's pass (on one row, weight 0), and its scores do not change."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.inputs.build import build_features
 
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
@@ -234,8 +236,9 @@ def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_dat
 
 @pytest.mark.parametrize("subspace", ["shared_lora", "task_lora"])
 def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+    from gensr_ray.inputs.build import build_features
 
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",

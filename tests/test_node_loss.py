@@ -23,8 +23,8 @@ import pytest
 
 from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data import contract
-from gensr_ray.data.build import WriteOptions, write_dataset
-from gensr_ray.data.synthetic import generate_synthetic
+from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.writer import WriteOptions, write_dataset
 
 TOLERANCE = 0.05
 STEPS = 32
@@ -51,7 +51,7 @@ def data(tmp_path) -> Path:
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
 
     out = tmp_path / "data"
-    write_dataset(generate_synthetic(seed=0, n_users=80, n_items=140, events_per_user=14), out,
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0, n_users=80, n_items=140, events_per_user=14)), out,
                   WriteOptions(rows_per_shard=300),
                   after_build=lambda d: save_cf(train_lightgcn(d, LightGCNConfig(epochs=20)),
                                                 contract.cf_path(d)))
@@ -75,7 +75,7 @@ def _reports(out: Path) -> list[dict]:
 
 def test_a_killed_node_is_survived_and_the_run_matches_an_uninterrupted_one(two_nodes, data,
                                                                             tmp_path):
-    from gensr_ray.pipeline import run_training
+    from gensr_ray.train.launch import run_training
 
     cluster, worker_node = two_nodes
     cfg = _config(data)

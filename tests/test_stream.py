@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from gensr_ray.data import contract
-from gensr_ray.data.build import WriteOptions, write_dataset
-from gensr_ray.data.stream import EXAMPLE_COLUMNS, read_shards
-from gensr_ray.data.synthetic import generate_synthetic
+from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.writer import WriteOptions, write_dataset
+from gensr_ray.train.dataset import EXAMPLE_COLUMNS, read_shards
 
 
 def test_read_shards_permutes_rows_within_a_shard_by_seed_and_keeps_every_example(tmp_path):
     out = tmp_path / "data"
-    write_dataset(generate_synthetic(seed=0), out, WriteOptions(rows_per_shard=400))
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0)), out, WriteOptions(rows_per_shard=400))
     files = [str(f) for f in contract.shard_files(contract.examples_dir(out, "train"))]
     assert len(files) > 1
     batch = {"path": np.array(files[:1]), "position": np.array([0])}

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gensr_ray.checkpoint import load_for_eval, model_dir
+from gensr_ray.assemble import build_model, load_for_eval, resolve_config_backbone
+from gensr_ray.checkpoint import model_dir
 from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data import contract
-from gensr_ray.data.build import RawDataset, WriteOptions, write_dataset
-from gensr_ray.data.synthetic import generate_synthetic
-from gensr_ray.model.build import build_features, build_model, resolve_config_backbone
+from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
+from gensr_ray.inputs.build import build_features
 from gensr_ray.model.losses import answer_score
-from gensr_ray.pipeline import run_training
+from gensr_ray.train.launch import run_training
 
 
 def _with_cf(tmp: Path) -> None:
@@ -27,7 +28,7 @@ def _with_cf(tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trainer") / "synthetic"
-    write_dataset(generate_synthetic(seed=0, n_users=60, n_items=140, events_per_user=14), out,
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0, n_users=60, n_items=140, events_per_user=14)), out,
                   WriteOptions(rows_per_shard=200), after_build=_with_cf)
     return out
 

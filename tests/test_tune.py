@@ -21,9 +21,10 @@ def test_two_trial_sweep_on_the_debug_config_writes_a_report(ray_cluster, tmp_pa
         "trials": {"lambda_0": {"loss.contrastive_weight": 0.0},
                    "minimal_query_blind": {"model.query_in_prompt": False}}}))
     data = tmp_path / "data"
-    from gensr_ray.pipeline import prepare_dataset
+    from gensr_ray.data.synthetic import SyntheticOptions
+    from gensr_ray.prepare import prepare_dataset
 
-    prepare_dataset("synthetic", data)
+    prepare_dataset(SyntheticOptions(seed=42), data)
     cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
         "data.path": str(data), "train.max_steps": 6, "train.log_every": 3,
         "eval.max_examples": 20})

@@ -23,6 +23,7 @@ import numpy as np
 
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
+from gensr_ray.data.sampling import sample_unseen
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +108,6 @@ def _normalized_adjacency(users, items, n_users: int, n_items: int):
     ).coalesce()
 
 
-def _sample_negatives(
-    rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray, n_items: int
-) -> np.ndarray:
-    """One uniform item per user that is not among the user's train items (rejection sampling).
-
-    seen_keys: sorted user * n_items + item keys of the train edges.
-    """
-    negatives = rng.integers(0, n_items, size=users.size)
-    todo = np.arange(users.size)
-    for _ in range(100):
-        keys = users[todo] * n_items + negatives[todo]
-        pos = np.searchsorted(seen_keys, keys)
-        clash = seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys
-        todo = todo[clash]
-        if todo.size == 0:
-            return negatives
-        negatives[todo] = rng.integers(0, n_items, size=todo.size)
-    raise DataError("could not sample BPR negatives: some user has interacted with almost every item")
-
-
 def fit_lightgcn(
     users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, config: LightGCNConfig
 ) -> CFTables:
@@ -154,7 +135,7 @@ def fit_lightgcn(
     for epoch in range(config.epochs):
         order = rng.permutation(users.size)
         batch_users, batch_pos = users[order], items[order]
-        batch_neg = _sample_negatives(rng, batch_users, seen_keys, n_items)
+        batch_neg = sample_unseen(rng, batch_users, seen_keys, n_items)
         epoch_loss = 0.0
         for lo in range(0, users.size, config.batch_size):
             u = torch.from_numpy(batch_users[lo : lo + config.batch_size])

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gensr_ray.data import filters
-from gensr_ray.data.build import RawDataset
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.queries import query_from_path, tokenize
 from gensr_ray.data.textio import iter_lines, iter_records
+from gensr_ray.data.writer import RawDataset
 
 SEARCH_FRACTION = 0.5
 K_CORE = 5
@@ -233,10 +234,20 @@ def assign_search(users: np.ndarray, candidates: list[list[str]], seed: int, fra
     return tasks, queries
 
 
-def load_amazon(reviews: Path, meta: Path, seed: int = 42,
-                search_fraction: float = SEARCH_FRACTION, k_core: int = K_CORE,
-                query_files: Path | None = None) -> RawDataset:
+@dataclass
+class AmazonOptions:
+    reviews: Path  # reviews JSON-lines file (2014 or 2018 release, .gz or not)
+    meta: Path  # metadata file of the same category (JSON or dict literals)
+    query_files: Path | None = None  # directory of HEM query files, if any
+    seed: int = 42  # which events become search events
+    search_fraction: float = SEARCH_FRACTION
+    k_core: int = K_CORE  # keep the k-core of users and items
+
+
+def load_amazon(opts: AmazonOptions) -> RawDataset:
     """Read an Amazon reviews file and its metadata file into a RawDataset with HEM queries."""
+    reviews, meta, seed, query_files = opts.reviews, opts.meta, opts.seed, opts.query_files
+    search_fraction, k_core = opts.search_fraction, opts.k_core
     if not 0.0 <= search_fraction <= 1.0:
         raise ValueError(f"search_fraction must lie in [0, 1], got {search_fraction}")
     if k_core < 1:

@@ -30,7 +30,8 @@ MAX_HISTORY = 20
 TRAIN_NEGATIVES = 4
 EVAL_NEGATIVES = 99
 SPLITS = ("train", "valid", "test")
-TASKS = ("search", "rec")
+TASKS = ("search", "rec")  # a task's id in batches and tables is its index here
+TASK_IDS = {name: code for code, name in enumerate(TASKS)}
 
 ITEMS_SCHEMA = pa.schema(
     [

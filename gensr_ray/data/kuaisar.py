@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gensr_ray.data import filters
-from gensr_ray.data.build import RawDataset
 from gensr_ray.data.contract import DataError
+from gensr_ray.data.writer import RawDataset
 
 K_CORE = 5
 BLOCK_SIZE = 16 << 20  # bytes of CSV per record batch
@@ -315,8 +316,15 @@ def _levels(columns: dict, k: int, suffix: str) -> list[str]:
     return names
 
 
-def load_kuaisar(data_dir: Path, k_core: int = K_CORE) -> RawDataset:
+@dataclass
+class KuaiSAROptions:
+    data_dir: Path  # directory with rec_inter.csv, src_inter.csv and item_features.csv
+    k_core: int = K_CORE  # keep the k-core of users and items
+
+
+def load_kuaisar(opts: KuaiSAROptions) -> RawDataset:
     """Stream KuaiSAR's CSVs into a RawDataset (search events with their real keywords)."""
+    data_dir, k_core = opts.data_dir, opts.k_core
     if k_core < 1:
         raise ValueError(f"k_core must be >= 1, got {k_core}")
     data_dir = Path(data_dir)

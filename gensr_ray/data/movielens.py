@@ -21,13 +21,14 @@ import os
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gensr_ray.data.build import RawDataset
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.queries import query_from_path
+from gensr_ray.data.writer import RawDataset
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,17 @@ def _parse_tsv(name: str, lines: list[str]) -> list[list[str]]:
     return rows
 
 
-def load_ml100k(source: Path | None = None, seed: int = 42,
-                search_fraction: float = SEARCH_FRACTION) -> RawDataset:
+@dataclass
+class MovieLensOptions:
+    source: Path | None = None  # recbole-1.2.1 wheel or ml-100k directory (None: download)
+    seed: int = 42  # which events become search events
+    search_fraction: float = SEARCH_FRACTION  # share of each user's events made search events
+
+
+def load_ml100k(opts: MovieLensOptions | None = None) -> RawDataset:
     """Read MovieLens-100K (wheel or directory) into a RawDataset with search events."""
+    opts = opts or MovieLensOptions()
+    source, seed, search_fraction = opts.source, opts.seed, opts.search_fraction
     if not 0.0 <= search_fraction <= 1.0:
         raise ValueError(f"search_fraction must lie in [0, 1], got {search_fraction}")
     source = Path(source) if source else fetch_wheel()

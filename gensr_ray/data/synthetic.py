@@ -8,10 +8,12 @@ query) beats popularity. It goes through the same writer as real datasets.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from gensr_ray.data.build import RawDataset
 from gensr_ray.data.queries import query_from_path
+from gensr_ray.data.writer import RawDataset
 
 TOPICS = {
     "astronomy": ["telescopes", "planets", "comets"],
@@ -24,9 +26,21 @@ TOPICS = {
 ADJECTIVES = ["classic", "compact", "deluxe", "handmade", "modern", "rustic", "vintage", "smart"]
 
 
-def generate_synthetic(seed: int = 0, n_users: int = 120, n_items: int = 180,
-                       events_per_user: int = 24, search_fraction: float = 0.3,
-                       preference: float = 0.85) -> RawDataset:
+@dataclass
+class SyntheticOptions:
+    seed: int = 0
+    n_users: int = 120
+    n_items: int = 180
+    events_per_user: int = 24
+    search_fraction: float = 0.3  # share of events that are searches
+    preference: float = 0.85  # share of a user's events drawn from their preferred topics
+
+
+def generate_synthetic(opts: SyntheticOptions | None = None) -> RawDataset:
+    opts = opts or SyntheticOptions()
+    seed, n_users, n_items = opts.seed, opts.n_users, opts.n_items
+    events_per_user, search_fraction, preference = (
+        opts.events_per_user, opts.search_fraction, opts.preference)
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)
     item_ids, titles, texts, item_topic, item_query = [], [], [], [], []

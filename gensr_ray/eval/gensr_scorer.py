@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gensr_ray.model.build import build_features
+from gensr_ray.inputs.build import build_features
 from gensr_ray.model.losses import answer_score
 
 

@@ -164,7 +164,7 @@ def _windows(sequences: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray
 @torch.enable_grad()  # a caller scoring under no_grad may be the one that triggers training
 def fit_sasrec(sequences: list[np.ndarray], n_items: int, config: SASRecConfig) -> SASRec:
     """Train on the given item sequences (oldest first); the data-free core of `train_sasrec`."""
-    from gensr_ray.cf.lightgcn import _sample_negatives
+    from gensr_ray.data.sampling import sample_unseen
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -186,7 +186,7 @@ def fit_sasrec(sequences: list[np.ndarray], n_items: int, config: SASRecConfig) 
     for epoch in range(config.epochs):
         negatives = np.full_like(targets, n_items)
         owners = np.broadcast_to(owner[:, None], targets.shape)[real]
-        negatives[real] = _sample_negatives(rng, owners, seen_keys, n_items)
+        negatives[real] = sample_unseen(rng, owners, seen_keys, n_items)
         order = rng.permutation(len(windows))
         epoch_loss, epoch_count = 0.0, 0
         for lo in range(0, order.size, config.batch_size):

@@ -1,1 +1,2 @@
-"""GenSR in plain torch: backbones, prompt designs, the model and its losses."""
+"""GenSR in plain torch: backbones, the model and its losses. Reads no dataset files and builds
+no inputs (gensr_ray.inputs does); gensr_ray.assemble wires it to files."""

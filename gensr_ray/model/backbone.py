@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gensr_ray.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,8 @@ def _materialise(target: Path, build) -> Path:
     """Build into a temporary sibling and rename, so concurrent workers never see half a model."""
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

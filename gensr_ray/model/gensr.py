@@ -18,7 +18,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from gensr_ray.config import SUBSPACES as SUBSPACE_NAMES
 from gensr_ray.config import LossConfig, ModelConfig
+from gensr_ray.data.contract import TASKS
 from gensr_ray.model.losses import answer_loss, info_nce
 
 SUBSPACES = {
@@ -29,7 +31,8 @@ SUBSPACES = {
                              {"search": ["shared", "search"], "rec": ["shared", "rec"]}),
     "full": ([], {}),
 }
-TASK_NAMES = ("search", "rec")  # index = task id in batches
+if tuple(SUBSPACES) != SUBSPACE_NAMES:
+    raise ImportError("gensr_ray.config.SUBSPACES must list the settings SUBSPACES builds")
 
 
 class EncoderLayer(nn.Module):
@@ -180,7 +183,7 @@ class GenSR(nn.Module):
         embed = self.lm.get_input_embeddings()
         suffix = self.splice(embed(g["suffix_ids"]), g["suffix_slots"], soft)
         suffix_mask = g["suffix_mask"]
-        task = TASK_NAMES[int(g["task"])]
+        task = TASKS[int(g["task"])]
         with active_adapters(self.lm, self.active_per_task[task]) if self.active_per_task \
                 else nullcontext():
             cache, prefix_len = None, g["prefix_ids"].shape[1]
@@ -206,7 +209,7 @@ class GenSR(nn.Module):
         if not self.active_per_task or self.cfg.subspace == "shared_lora":
             return self.answer_hidden(embeds, batch["attention_mask"])
         hidden = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
-        for task_id, name in enumerate(TASK_NAMES):
+        for task_id, name in enumerate(TASKS):
             rows = (batch["task"] == task_id).nonzero(as_tuple=True)[0]
             # ZeRO-3 gathers the backbone's weights collectively, layer by layer, so every
             # rank must run the same passes (forward and backward) whatever its rows: a task

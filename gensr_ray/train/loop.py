@@ -1,21 +1,22 @@
 """The per-worker training loop: build, restore, then forward -> loss -> backward -> step.
 
 Runs inside every Ray Train worker (or in-process in local mode). Distribution is behind
-`Strategy` (gensr_ray.distributed); everything here reads top to bottom.
+`Strategy` (gensr_ray.train.strategy); everything here reads top to bottom.
 """
 
 from __future__ import annotations
 
 import time
 
-from gensr_ray.config import from_dict
-from gensr_ray.distributed import Strategy
-from gensr_ray.model.build import build_features, build_model
+from gensr_ray.assemble import build_model
+from gensr_ray.config import GenSRConfig
+from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
+from gensr_ray.train.strategy import Strategy
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(config["cfg"])
+    cfg: GenSRConfig = config["cfg"]
     strategy = Strategy(cfg)
 
     model, backbone = build_model(cfg, config["backbone_dir"])

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +31,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gensr_ray.atomic import atomic_directory
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
+from gensr_ray.data.sampling import sample_untouched
 
 log = logging.getLogger(__name__)
 
 _SPLIT_RANK = {name: rank for rank, name in enumerate(contract.SPLITS)}
-_TASK_CODE = {name: code for code, name in enumerate(contract.TASKS)}
 _CHUNK = 1 << 16  # events (or items) turned into one Arrow table at a time
 _ONE_SHARD = 1 << 30  # items and users are one shard each (their ids are row indexes)
 
@@ -133,7 +131,7 @@ def encode_interactions(raw: RawDataset, user_raw: list[str]) -> Interactions:
     user_index = {raw_id: i for i, raw_id in enumerate(user_raw)}
     users = np.fromiter((user_index[u] for u in raw.user_ids), dtype=np.int32, count=n)
     items = np.fromiter((item_index[i] for i in raw.inter_item_ids), dtype=np.int32, count=n)
-    tasks = np.fromiter((_TASK_CODE[t] for t in raw.tasks), dtype=np.int8, count=n)
+    tasks = np.fromiter((contract.TASK_IDS[t] for t in raw.tasks), dtype=np.int8, count=n)
     queries = np.empty(n, dtype=object)
     queries[:] = raw.queries
     timestamps = np.asarray(raw.timestamps, dtype=np.int64)
@@ -162,26 +160,6 @@ def assign_splits(users: np.ndarray, tasks: np.ndarray, order: np.ndarray) -> np
     split[grouped[(from_end == 0) & (size >= 2)]] = _SPLIT_RANK["test"]
     split[grouped[(from_end == 1) & (size >= 3)]] = _SPLIT_RANK["valid"]
     return split
-
-
-def sample_negatives(rng: np.random.Generator, n_items: int, touched: set[int], count: int,
-                     user_label: str) -> np.ndarray:
-    """`count` distinct items outside `touched`, by rejection (catalogues dwarf histories)."""
-    available = n_items - len(touched)
-    if available < count:
-        raise DataError(
-            f"user {user_label}: only {available} untouched items, {count} negatives needed"
-        )
-    chosen: list[int] = []
-    picked: set[int] = set()
-    while len(chosen) < count:
-        for item in rng.integers(0, n_items, size=2 * count).tolist():
-            if item not in touched and item not in picked:
-                picked.add(item)
-                chosen.append(item)
-                if len(chosen) == count:
-                    break
-    return np.asarray(chosen, dtype=np.int32)
 
 
 def build_examples(data: Interactions, n_items: int, opts: WriteOptions
@@ -219,7 +197,7 @@ def build_examples(data: Interactions, n_items: int, opts: WriteOptions
                 "timestamp": stamp,
                 "history": history,
                 "target": item,
-                "negatives": sample_negatives(rng, n_items, touched, count, str(user)),
+                "negatives": sample_untouched(rng, n_items, touched, count, str(user)),
             }
             next_id += 1
 
@@ -303,9 +281,7 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
     user_raw = sorted(set(raw.user_ids))
     data = encode_interactions(raw, user_raw)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=True) as tmp:
         items = ShardWriter(contract.items_dir(tmp), contract.ITEMS_SCHEMA, _ONE_SHARD)
         for lo in range(0, len(raw.item_ids), _CHUNK):
             hi = lo + _CHUNK
@@ -326,10 +302,6 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
         (tmp / "README.md").write_text(_readme(raw, meta))
         if after_build is not None:
             after_build(tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -356,20 +328,10 @@ def _write_examples(data: Interactions, n_items: int, root: Path, opts: WriteOpt
     counts = [[0] * len(contract.TASKS) for _ in contract.SPLITS]
     for rank, row in build_examples(data, n_items, opts):
         writers[rank].append(row)
-        counts[rank][_TASK_CODE[row["task"]]] += 1
+        counts[rank][contract.TASK_IDS[row["task"]]] += 1
     for writer in writers:
         writer.close()
     return counts
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _meta(raw: RawDataset, opts: WriteOptions, n_users: int, data: Interactions,
@@ -408,5 +370,5 @@ def _readme(raw: RawDataset, meta: dict) -> str:
         f"Users {c['users']}, items {c['items']}, search events {c['interactions']['search']}, "
         f"recommendation events {c['interactions']['rec']}. Seed {meta['seed']}.\n"
         "Layout and schemas: gensr_ray/data/contract.py. Split, history and negative rules: "
-        "gensr_ray/data/build.py.\n"
+        "gensr_ray/data/writer.py.\n"
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gensr_ray.config import PROMPT_DESIGNS
+
 SOFT_TOKENS = ("<CF_HIST>", "<SEM_HIST>", "<CF_TARGET>", "<TITLE_EMB>")  # slots 1..4
 TEXT_FIELDS = ("{history_titles}", "{target_title}", "{query}")
 BLIND_QUERY = "<query>"  # what query-blind search prompts show (the authors' bug)
@@ -57,6 +59,9 @@ PROMPTS: dict[str, dict[str, str]] = {
                   "<TITLE_EMB> relevant? Answer:",
     },
 }
+
+if tuple(PROMPTS) != PROMPT_DESIGNS:
+    raise ImportError("gensr_ray.config.PROMPT_DESIGNS must list the designs of PROMPTS")
 
 _PIECE = re.compile("(" + "|".join(re.escape(p) for p in SOFT_TOKENS + TEXT_FIELDS) + ")")
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gensr_ray.model.prompts import PromptAssembler
-
-TASK_IDS = {"search": 0, "rec": 1}
+from gensr_ray.data.contract import TASK_IDS
+from gensr_ray.inputs.prompts import PromptAssembler
 
 
 @dataclass

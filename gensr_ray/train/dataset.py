@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gensr_ray.config import GenSRConfig, from_dict
+from gensr_ray.config import GenSRConfig
 from gensr_ray.data import contract
+from gensr_ray.inputs.build import build_features
+from gensr_ray.model.backbone import load_tokenizer
 
 EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
 # CPUs each read / tokenize task asks for. Ray Data only schedules its tasks on CPUs that
@@ -28,9 +30,6 @@ def _encoder(cfg: GenSRConfig, backbone_dir: str):
     if key not in _ENCODERS:
         from transformers import AutoConfig
 
-        from gensr_ray.model.backbone import load_tokenizer
-        from gensr_ray.model.build import build_features
-
         tokenizer = load_tokenizer(backbone_dir)
         seq2seq = AutoConfig.from_pretrained(backbone_dir, local_files_only=True).is_encoder_decoder
         encoder, _ = build_features(cfg, tokenizer, "encoder-decoder" if seq2seq else "decoder")
@@ -38,11 +37,11 @@ def _encoder(cfg: GenSRConfig, backbone_dir: str):
     return _ENCODERS[key]
 
 
-def encode_examples(batch: dict[str, np.ndarray], cfg: dict, backbone_dir: str) -> pa.Table:
+def encode_examples(batch: dict[str, np.ndarray], cfg: GenSRConfig, backbone_dir: str
+                    ) -> pa.Table:
     """A batch of examples -> a table of pointwise rows (map_batches function)."""
-    config = from_dict(cfg)
-    rows = _encoder(config, backbone_dir).encode(
-        batch, negatives_per_example=config.train.negatives_per_example)
+    rows = _encoder(cfg, backbone_dir).encode(
+        batch, negatives_per_example=cfg.train.negatives_per_example)
     return pa.table({
         "example_id": pa.array(rows["example_id"], pa.int64()),
         "task": pa.array(rows["task"], pa.int8()),
@@ -90,4 +89,4 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
                         fn_kwargs={"columns": EXAMPLE_COLUMNS, "seed": seed})
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS,
-                          fn_kwargs={"cfg": cfg.to_dict(), "backbone_dir": backbone_dir})
+                          fn_kwargs={"cfg": cfg, "backbone_dir": backbone_dir})

@@ -1,0 +1,61 @@
+"""Assemble GenSR from a config: the backbone directory, the model with its subspace and frozen
+LightGCN table, and the same model rebuilt from a checkpoint for evaluation.
+
+The one module that wires the plain-torch model to files (the dataset, the CF tables, the
+backbone cache, checkpoints); `gensr_ray.model` itself reads none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gensr_ray.checkpoint import TRAINABLE, model_dir, read_checkpoint_config
+from gensr_ray.config import GenSRConfig
+from gensr_ray.data import contract
+from gensr_ray.inputs.build import vocabulary_texts
+from gensr_ray.model.backbone import RANDOM_PRESETS, Backbone, load_backbone, resolve_backbone
+from gensr_ray.model.gensr import GenSR, apply_subspace
+
+
+def resolve_config_backbone(cfg: GenSRConfig) -> str:
+    """The backbone as a local directory (presets are materialised once into the cache).
+
+    Random presets build their vocabulary from the dataset's texts."""
+    spec = cfg.model.backbone
+    random_preset = spec.removeprefix("preset:") in RANDOM_PRESETS
+    texts = vocabulary_texts(cfg.data.path) if random_preset else None
+    return str(resolve_backbone(spec, texts))
+
+
+def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
+    """Backbone with its subspace (LoRA adapters or full) + the GenSR modules, seeded."""
+    from gensr_ray.cf.lightgcn import load_cf
+
+    torch.manual_seed(cfg.train.seed)
+    backbone = load_backbone(backbone_dir)
+    apply_subspace(backbone.model, cfg.model)
+    cf = load_cf(contract.cf_path(cfg.data.path))
+    model = GenSR(backbone.model, backbone.kind, torch.from_numpy(cf.item_emb), cfg.model,
+                  backbone.yes_id, backbone.no_id)
+    return model, backbone
+
+
+def load_for_eval(checkpoint: str | Path, cfg: GenSRConfig | None = None):
+    """(model in eval mode, backbone, config) rebuilt from a checkpoint on the CPU."""
+    cfg = cfg or read_checkpoint_config(checkpoint)
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    weights = torch.load(model_dir(checkpoint) / TRAINABLE, map_location="cpu", weights_only=True)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: checkpoint does not match the model built from its "
+                         f"config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    empty = [n for n, w in weights.items() if w.numel() == 0]
+    if empty:
+        raise ValueError(f"{checkpoint}: empty tensors {empty[:5]} (saved without gathering)")
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    return model, backbone, cfg

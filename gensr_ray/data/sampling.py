@@ -1,0 +1,53 @@
+"""Negative sampling: the one place items a user never touched are drawn.
+
+- `sample_untouched`: the stored negatives of an example (distinct items, none the user ever
+  touched), drawn once when a dataset is written;
+- `sample_unseen`: one negative per training edge for pairwise losses (LightGCN's BPR,
+  SASRec), outside the user's training items, vectorised over edges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gensr_ray.data.contract import DataError
+
+
+def sample_untouched(rng: np.random.Generator, n_items: int, touched: set[int], count: int,
+                     user_label: str) -> np.ndarray:
+    """`count` distinct items outside `touched`, by rejection (catalogues dwarf histories)."""
+    available = n_items - len(touched)
+    if available < count:
+        raise DataError(
+            f"user {user_label}: only {available} untouched items, {count} negatives needed"
+        )
+    chosen: list[int] = []
+    picked: set[int] = set()
+    while len(chosen) < count:
+        for item in rng.integers(0, n_items, size=2 * count).tolist():
+            if item not in touched and item not in picked:
+                picked.add(item)
+                chosen.append(item)
+                if len(chosen) == count:
+                    break
+    return np.asarray(chosen, dtype=np.int32)
+
+
+def sample_unseen(
+    rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray, n_items: int
+) -> np.ndarray:
+    """One uniform item per user that is not among the user's train items (rejection sampling).
+
+    seen_keys: sorted user * n_items + item keys of the train edges.
+    """
+    negatives = rng.integers(0, n_items, size=users.size)
+    todo = np.arange(users.size)
+    for _ in range(100):
+        keys = users[todo] * n_items + negatives[todo]
+        pos = np.searchsorted(seen_keys, keys)
+        clash = seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys
+        todo = todo[clash]
+        if todo.size == 0:
+            return negatives
+        negatives[todo] = rng.integers(0, n_items, size=todo.size)
+    raise DataError("could not sample BPR negatives: some user has interacted with almost every item")

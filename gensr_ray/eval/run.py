@@ -1,0 +1,46 @@
+"""Evaluate a checkpoint and/or the baselines on a split: the one place that does it, for
+`gensr eval`, the Ray eval job and every Tune trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gensr_ray.assemble import load_for_eval
+from gensr_ray.checkpoint import read_checkpoint_config
+from gensr_ray.config import GenSRConfig
+from gensr_ray.data.contract import read_meta
+from gensr_ray.eval.gensr_scorer import build_gensr_scorer
+from gensr_ray.eval.harness import build_baselines, evaluate
+
+
+def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None = None,
+                 split: str | None = None, with_baselines: bool = False,
+                 max_examples: int | None = None, cfg: GenSRConfig | None = None) -> dict:
+    """The harness's results for GenSR from `checkpoint` (if given) and, with
+    `with_baselines`, every baseline, side by side on the same examples.
+
+    `cfg` defaults to the checkpoint's own config; `data` to its dataset; `split` to its
+    eval.split (test without a checkpoint); `max_examples` to its eval.max_examples.
+    """
+    if checkpoint is None and not with_baselines:
+        raise ValueError("nothing to evaluate: give a checkpoint and/or with_baselines")
+    if checkpoint is not None and cfg is None:
+        cfg = read_checkpoint_config(checkpoint)
+    data = data or (cfg.data.path if cfg else None)
+    if data is None:
+        raise ValueError("the dataset is required to evaluate the baselines alone")
+    read_meta(data)
+    baselines = build_baselines(data)
+    scorers = dict(baselines) if with_baselines else {}
+    seed = 0
+    if checkpoint is not None:
+        cfg.data.path = str(data)
+        model, backbone, cfg = load_for_eval(checkpoint, cfg)
+        scorers["gensr"] = build_gensr_scorer(model, backbone, cfg, baselines)
+        max_examples = cfg.eval.max_examples if max_examples is None else max_examples
+        seed = cfg.eval.seed
+    results = evaluate(data, split or (cfg.eval.split if checkpoint is not None else "test"),
+                       scorers, max_examples=max_examples or 0, seed=seed)
+    if checkpoint is not None:
+        results["checkpoint"] = str(checkpoint)
+    return results

@@ -1,0 +1,35 @@
+"""The input pipeline of a config and a dataset: item title tokens, the example encoder and the
+collator, built from the dataset's items table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gensr_ray.config import GenSRConfig
+from gensr_ray.data import contract
+from gensr_ray.inputs.features import Collator, ExampleEncoder, ItemTokens, tokenize_titles
+from gensr_ray.inputs.prompts import all_template_text
+
+
+def vocabulary_texts(data_path: str | Path) -> list[str]:
+    """Every text a prompt can contain: item titles and texts, queries, templates."""
+    items = contract.read_table(contract.items_dir(data_path), ["title", "text"])
+    queries = contract.read_table(contract.interactions_dir(data_path), ["query"])
+    texts = items.column("title").to_pylist() + items.column("text").to_pylist()
+    texts += sorted({q for q in queries.column("query").to_pylist() if q})
+    return texts + all_template_text()
+
+
+def item_tokens(cfg: GenSRConfig, tokenizer) -> ItemTokens:
+    titles = contract.read_table(contract.items_dir(cfg.data.path), ["title"])
+    return tokenize_titles(tokenizer, titles.column("title").to_pylist(),
+                           cfg.data.prompt_title_tokens, cfg.data.title_tokens,
+                           cfg.data.target_title_tokens)
+
+
+def build_features(cfg: GenSRConfig, tokenizer, kind: str) -> tuple[ExampleEncoder, Collator]:
+    """The example encoder and collator for a backbone of `kind` (decoder | encoder-decoder)."""
+    items = item_tokens(cfg, tokenizer)
+    encoder = ExampleEncoder(tokenizer, items, cfg.model.prompt, cfg.model.query_in_prompt,
+                             append_eos=(kind == "encoder-decoder"))
+    return encoder, Collator(items, tokenizer.pad_token_id)

@@ -1,0 +1,145 @@
+"""The driver side of training: a Ray cluster, a TorchTrainer, its callbacks and placement.
+
+`run_training` is what the CLI, the Ray jobs, Tune trials and tests call. Workers run
+gensr_ray.train.loop; the worker side of distribution is gensr_ray.train.strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from gensr_ray.assemble import resolve_config_backbone
+from gensr_ray.config import GenSRConfig
+from gensr_ray.train.dataset import training_dataset
+from gensr_ray.train.loop import train_loop_per_worker
+
+
+def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None,
+               temp_dir: str | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # keeps a local cluster's sockets on 127.0.0.1 instead of the machine's address
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
+             include_dashboard=True, _temp_dir=temp_dir, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+
+
+def metrics_log_path(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}/metrics.jsonl"
+
+
+def _metrics_log_callback(path: str):
+    """A Ray Train callback (runs in the controller) appending each report to `path`.
+
+    `path` lives on the run's storage (a local directory or s3://, gs://), next to the
+    checkpoints, and keeps the lines of earlier attempts of the same run.
+    """
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        def __init__(self):
+            self.lines: list[str] | None = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import pyarrow.fs
+
+            fs, file = pyarrow.fs.FileSystem.from_uri(path)
+            if self.lines is None:  # first report of this attempt: keep earlier lines
+                self.lines = []
+                if fs.get_file_info(file).type == pyarrow.fs.FileType.File:
+                    with fs.open_input_stream(file) as f:
+                        self.lines = f.read().decode().splitlines()
+            row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}
+            self.lines.append(json.dumps(row, default=float))
+            fs.create_dir(file.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(file) as f:
+                f.write(("\n".join(self.lines) + "\n").encode())
+
+    return MetricsLog()
+
+
+def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "gensr",
+        callbacks: list | None = None):
+    """Run the training job with Ray Train; returns the ray.train.Result."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    s = cfg.scale
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    storage = s.storage_path or str(out_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        # the config object crosses the Ray boundary as it is (pickled), never as a dict
+        train_loop_config={"cfg": cfg, "backbone_dir": backbone_dir},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
+            callbacks=[_metrics_log_callback(metrics_log_path(storage, name)),
+                       *(callbacks or [])]),
+        datasets={"train": _in_current_placement_group(training_dataset(cfg, backbone_dir))},
+    )
+    return trainer.fit()
+
+
+def _in_current_placement_group(ds):
+    """Run a dataset's tasks inside the caller's placement group, when there is one.
+
+    A Tune trial reserves a bundle for its Ray Data tasks (gensr_ray.study); scheduling the
+    tasks there gives Ray Data fixed limits (the group's bundles) instead of a share of the
+    cluster negotiated with the trainer, which on a small node left it nothing to run on.
+    """
+    import ray.util
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        ds.context.scheduling_strategy = strategy
+        ds.context.scheduling_strategy_large_args = strategy
+    return ds
+
+
+def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = None) -> dict:
+    """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/).
+
+    `callbacks`: extra Ray Train callbacks (Tune trials pass TuneReportCallback)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(cfg, out, resolve_config_backbone(cfg), callbacks=callbacks)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    checkpoint = Path(result.checkpoint.path)
+    if cfg.scale.num_workers == 0:  # local mode keeps the checkpoint in a temporary dir
+        final = out / "checkpoint_final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.move(str(checkpoint), final)
+        checkpoint = final
+    summary = {"checkpoint": str(checkpoint), "metrics": result.metrics}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
