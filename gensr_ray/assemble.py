@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gensr_ray.checkpoint import TRAINABLE, model_dir, read_checkpoint_config
-from gensr_ray.config import GenSRConfig
+from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data import contract
 from gensr_ray.inputs.build import vocabulary_texts
 from gensr_ray.model.backbone import RANDOM_PRESETS, Backbone, load_backbone, resolve_backbone
@@ -34,7 +34,15 @@ def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
     from gensr_ray.cf.lightgcn import load_cf
 
     torch.manual_seed(cfg.train.seed)
-    backbone = load_backbone(backbone_dir)
+    backbone = load_backbone(backbone_dir, cfg.model.attn_implementation)
+    if cfg.scale.precision == "fp16" and backbone.kind == "encoder-decoder":
+        # T5's feed-forward activations overflow fp16 (its own docs say so); bf16 is safe
+        raise ConfigError(f"scale.precision=fp16 is not supported for the encoder-decoder "
+                          f"backbone {backbone_dir}; use bf16")
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: works with inputs_embeds, frozen embeddings (LoRA) and ZeRO-3 hooks
+        backbone.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_subspace(backbone.model, cfg.model)
     cf = load_cf(contract.cf_path(cfg.data.path))
     model = GenSR(backbone.model, backbone.kind, torch.from_numpy(cf.item_emb), cfg.model,

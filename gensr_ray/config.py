@@ -24,6 +24,8 @@ FIRST_STAGES = ("lightgcn", "sasrec", "popularity")  # dense: serve both tasks
 SEARCH_FIRST_STAGES = ("", *FIRST_STAGES, "bm25")  # "": the same as eval.first_stage
 DATASETS_TO_PREPARE = ("", "ml100k", "synthetic")  # those that need no input files
 SPLITS = ("valid", "test")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -64,6 +66,11 @@ class ModelConfig:
     sem_heads: int = _f(2, "heads of the 1-layer semantic history transformer")
     use_cf: bool = _f(True, "collaborative view (False: its soft tokens are zero vectors)")
     use_sem: bool = _f(True, "semantic view (False: its soft token is a zero vector)")
+    attn_implementation: str = _f("sdpa", "backbone attention: sdpa | eager | "
+                                          "flash_attention_2 (needs flash-attn, GPUs, bf16/fp16)",
+                                  choices=ATTENTION)
+    gradient_checkpointing: bool = _f(False, "recompute the backbone's activations in backward "
+                                             "(less memory, ~30 % more compute)")
     query_in_prompt: bool = _f(True, "insert the query into search prompts (False reproduces "
                                      "the authors' bug: search prompts are query-blind)")
 
@@ -101,8 +108,12 @@ class ScaleConfig:
     data_cpus: float = _f(0.5, "CPUs a Tune trial reserves for its Ray Data read/tokenize "
                                "tasks (outside Tune they use the CPUs workers leave free)")
     zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
-    bf16: bool = _f(False, "bf16 mixed precision (GPUs)")
-    fused_adam: bool = _f(False, "DeepSpeed FusedAdam (compiles; GPUs) instead of torch AdamW")
+    precision: str = _f("fp32", "compute dtype of the model under DeepSpeed: fp32 | bf16 (GPUs; "
+                                "the CPU accelerator too) | fp16 (decoder backbones, loss "
+                                "scaling); optimizer states and exported weights stay fp32",
+                        choices=PRECISIONS)
+    fused_adam: bool = _f(False, "DeepSpeed's FusedAdam (compiles at first use) instead of "
+                                 "torch's AdamW, which is fused (no compiler) on GPUs")
     offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer states to CPU (compiles)")
     storage_path: str = _f("", "where Ray Train persists checkpoints (local dir or s3://, "
                                "gs://); empty: <out>/ray")
@@ -120,6 +131,9 @@ class EvalConfig:
     max_examples: int = _f(0, "seeded subset of examples per task (0: all)")
     seed: int = _f(0, "seed of that subset")
     batch_size: int = _f(200, "rows per scoring forward pass")
+    use_gpu: bool = _f(False, "score on the GPU (cuda) instead of the CPU")
+    precision: str = _f("fp32", "dtype GenSR scores in: fp32 | bf16 | fp16 (bf16 on GPUs: "
+                                "half the memory, tensor cores)", choices=PRECISIONS)
     rerank_depth: int = _f(50, "first-stage candidates GenSR reranks in the full protocol")
     first_stage: str = _f("lightgcn", "dense first stage of the full protocol: lightgcn | "
                                       "sasrec | popularity (bm25 too for search)",

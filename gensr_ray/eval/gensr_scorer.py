@@ -19,7 +19,11 @@ class GenSRScorer:
     tasks = ("search", "rec")
 
     def __init__(self, model, backbone, cfg, first_stage: dict, depth: int, batch_size: int):
-        self.model = model.eval()
+        # parameters and the CF buffer alike in the scoring dtype, on the scoring device
+        self.device = torch.device("cuda" if cfg.eval.use_gpu else "cpu")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[cfg.eval.precision]
+        self.model = model.to(self.device, dtype).eval()
         self.encoder, self.collate = build_features(cfg, backbone.tokenizer, backbone.kind)
         self.first_stage = first_stage  # task -> a harness scorer with retrieve()
         self.depth = depth
@@ -38,8 +42,8 @@ class GenSRScorer:
         for i in range(len(candidates)):
             group = self.encoder.encode_group(batch["task"][i], list(batch["history"][i]),
                                               batch["query"][i], candidates[i].tolist())
-            logits = self.model.score_group(self.collate.group(group))
-            scores[i] = answer_score(logits).float().numpy()
+            logits = self.model.score_group(self._to_device(self.collate.group(group)))
+            scores[i] = answer_score(logits).float().cpu().numpy()
         return scores
 
     def _score_rows(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
@@ -48,8 +52,12 @@ class GenSRScorer:
         scores = []
         for lo in range(0, len(rows["target"]), self.batch_size):
             part = {k: v[lo:lo + self.batch_size] for k, v in rows.items()}
-            scores.append(answer_score(self.model(self.collate(part))["logits"]).float().numpy())
+            logits = self.model(self._to_device(self.collate(part)))["logits"]
+            scores.append(answer_score(logits).float().cpu().numpy())
         return np.concatenate(scores).reshape(candidates.shape)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
         task = batch["task"][0]

@@ -179,15 +179,25 @@ def _convert_smollm2(out: Path, layers: int | None) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_backbone(path: str | Path) -> Backbone:
-    """Load a backbone (weights in fp32) and its tokenizer from a local directory."""
+def load_backbone(path: str | Path, attn_implementation: str = "sdpa") -> Backbone:
+    """Load a backbone (weights in fp32) and its tokenizer from a local directory.
+
+    The model comes back in eval mode (as from_pretrained returns it); training puts it in
+    train mode, so dropout acts as the backbone's config says."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     kind = "encoder-decoder" if config.is_encoder_decoder else "decoder"
     loader = AutoModelForSeq2SeqLM if kind == "encoder-decoder" else AutoModelForCausalLM
-    model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    try:
+        model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                       attn_implementation=attn_implementation)
+    except (ImportError, ValueError) as exc:
+        if "ttention" not in str(exc):
+            raise
+        raise ValueError(f"model.attn_implementation={attn_implementation!r} is not available "
+                         f"for {path}: {exc}") from None
     tokenizer = load_tokenizer(path)
     return Backbone(model=model, tokenizer=tokenizer, kind=kind, path=str(path),
                     yes_id=answer_token(tokenizer, "Yes"), no_id=answer_token(tokenizer, "No"))

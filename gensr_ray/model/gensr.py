@@ -111,17 +111,23 @@ class GenSR(nn.Module):
         self.sem_attention = TargetAttention(width)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the parameters compute in: DeepSpeed casts parameters to bf16 / fp16 but
+        not buffers, so the frozen CF table is cast at lookup (fp32 in storage)."""
+        return self.cf_proj.weight.dtype
+
     def answer_head_weight(self) -> nn.Parameter:
         return self.lm.get_output_embeddings().weight
 
     # -- the two views: encode the history once, pool it against each candidate -----------
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
-        return self.cf_encoder(self.cf_items[hist_items], hist_mask)
+        return self.cf_encoder(self.cf_items[hist_items].to(self.compute_dtype), hist_mask)
 
     def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
                 target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(history vector, candidate vector), both projected to the model width."""
-        target = self.cf_items[target_item]
+        target = self.cf_items[target_item].to(self.compute_dtype)
         return self.cf_proj(self.cf_attention(encoded, target, mask)), self.cf_proj(target)
 
     def sem_encode(self, title_ids: torch.Tensor, title_mask: torch.Tensor):
@@ -239,11 +245,13 @@ class GenSR(nn.Module):
 def gensr_loss(out: GenSROutput, label: torch.Tensor, cfg: LossConfig,
                model_cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
     """Answer cross-entropy + lambda * InfoNCE(CF history, semantic history)."""
-    ce = answer_loss(out["logits"], label)
+    # in fp32 whatever the compute dtype: the softmaxes of both terms lose too much in bf16
+    ce = answer_loss(out["logits"].float(), label)
     total = ce
     parts = {"loss_answer": ce.detach()}
     if cfg.contrastive_weight > 0 and model_cfg.use_cf and model_cfg.use_sem:
-        cl = info_nce(out["cf_hist"], out["sem_hist"], cfg.temperature, cfg.authors_layernorm)
+        cl = info_nce(out["cf_hist"].float(), out["sem_hist"].float(), cfg.temperature,
+                      cfg.authors_layernorm)
         total = total + cfg.contrastive_weight * cl
         parts["loss_contrastive"] = cl.detach()
     parts["loss"] = total.detach()

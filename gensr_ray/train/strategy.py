@@ -43,13 +43,16 @@ def deepspeed_config(cfg: GenSRConfig, world_size: int) -> dict:
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": s.bf16},
+        "bf16": {"enabled": s.precision == "bf16"},
+        # dynamic loss scaling (loss_scale 0) keeps fp16 gradients in range
+        "fp16": {"enabled": s.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
-            # FusedAdam / CPUAdam compile for minutes on a fresh machine: torch's AdamW unless
-            # asked for (GPU images with a warm build cache)
+            # DeepSpeed's FusedAdam / CPUAdam compile for minutes on a fresh machine (nvcc and
+            # ninja on the image): torch's AdamW unless asked for, fused on GPUs (one kernel
+            # for all parameters, no compiler), the plain loop on CPUs
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999],
-                       "eps": 1e-8, "torch_adam": not (s.fused_adam or s.offload_optimizer)},
+                       "eps": 1e-8, **_torch_adamw(s)},
         },
         "scheduler": {
             "type": "WarmupLR",
@@ -59,6 +62,12 @@ def deepspeed_config(cfg: GenSRConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def _torch_adamw(s) -> dict:
+    if s.fused_adam or s.offload_optimizer:
+        return {"torch_adam": False}
+    return {"torch_adam": True, **({"fused": True} if s.use_gpu else {})}
 
 
 def _quiet() -> None:
@@ -79,16 +88,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class SingleProcessContext:
+    """Rank 0 of 1, for running the strategy in a plain process, outside Ray Train (tools
+    that need the engine but no cluster, and tests of the DeepSpeed path alone)."""
+
+    def get_world_rank(self) -> int:
+        return 0
+
+    def get_world_size(self) -> int:
+        return 1
+
+    def get_local_rank(self) -> int:
+        return 0
+
+
 class Strategy:
-    """The worker's view of the job: rank, data shard, DeepSpeed engine, checkpoints."""
+    """The worker's view of the job: rank, data shard, DeepSpeed engine, checkpoints.
 
-    def __init__(self, cfg: GenSRConfig):
-        import ray.train
+    `context` defaults to Ray Train's (inside train_loop_per_worker); reporting and the data
+    shard need it, the engine and saving do not."""
 
+    def __init__(self, cfg: GenSRConfig, context=None):
         self.cfg = cfg
         configure_accelerator(cfg.scale.use_gpu)
         _quiet()
-        self.context = ray.train.get_context()
+        if context is None:
+            import ray.train
+
+            context = ray.train.get_context()
+        self.context = context
         self.rank = self.context.get_world_rank()
         self.world_size = self.context.get_world_size()
         self.engine = None
@@ -132,6 +160,7 @@ class Strategy:
         if self.cfg.scale.zero_stage == 3:
             # GenSR reads the Yes/No rows of the LM head outside the head's own forward
             deepspeed.zero.register_external_parameter(model, model.answer_head_weight())
+        model.train()  # from_pretrained returns eval mode: dropout as the backbone configures it
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params,
@@ -198,11 +227,19 @@ class Strategy:
         model = self.engine.module
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         weights = {}
-        # ZeRO-3 partitions parameters: gather them, or peft would save empty adapters
         for name, param in trainable:
+            # the optimizer's fp32 master copy, gathered from every rank's partition (a
+            # collective: every rank calls it); under bf16 / fp16 the module's own parameter
+            # is the rounded working copy
+            master = deepspeed.utils.safe_get_full_fp32_param(param)
+            if master is not None:
+                if self.is_rank_0:
+                    weights[name] = master.detach().to("cpu", torch.float32, copy=True)
+                continue
+            # no ZeRO optimizer: gather the (fp32) parameter itself
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.is_rank_0:
-                    weights[name] = param.detach().to("cpu", copy=True)
+                    weights[name] = param.detach().to("cpu", torch.float32, copy=True)
         if self.is_rank_0:
             write_model_export(directory / CHECKPOINT_MODEL, weights, self.cfg, state)
 
