@@ -4,14 +4,14 @@ LoRA + DeepSpeed ZeRO-3 + bf16, on N GPUs through Ray Train.
     python bench/gpu_throughput.py                  # every visible GPU, 40 steps
     python bench/gpu_throughput.py --gpus 1 --steps 60 --batch-size 64
 
-Prints samples/s, tokens/s and model FLOPs utilisation (MFU), last `ratio=<MFU>`. Without a
-GPU it stops at once with a clear message (exit code 2).
+Prints samples/s, backbone tokens/s (the prompt's tokens; the semantic view's title tokens
+go through GenSR's own 1-layer encoder and are not counted), model FLOPs utilisation (MFU) and
+peak GPU memory, last `ratio=<MFU>`. Without a GPU it stops at once (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import bench_data, quiet  # noqa: E402
+from common import backbone_shape, bench_data, peak_bf16_tflops, quiet, reports  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
 CONFIG = Path(__file__).parent.parent / "configs" / "gpu" / "qwen2.5-0.5b-lora-zero3.yaml"
 
 
@@ -43,49 +42,39 @@ def main() -> None:
               "Run it on a GPU node with the gpu extra installed.", file=sys.stderr)
         raise SystemExit(2)
     quiet()
-    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import apply_overrides, load_config
-    from gensr_ray.data import contract
-    from gensr_ray.inputs.build import build_features
     from gensr_ray.train.launch import run_training
 
     gpus = args.gpus or torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or peak_bf16_tflops(name)
     data = bench_data(None, n_users=2000, n_items=3000)
     cfg = apply_overrides(load_config(CONFIG), {
         "data.path": str(data), "model.backbone": "preset:random-qwen2-0.5b",
         "train.batch_size": args.batch_size, "train.max_steps": args.steps,
         "train.log_every": args.warmup, "train.checkpoint_every": 0, "train.warmup_steps": 1,
-        "scale.num_workers": gpus, "scale.cpus_per_worker": 2.0, "scale.fused_adam": False})
-
-    # model size and mean prompt length, measured on the CPU once
-    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
-    embedding = model.lm.get_input_embeddings().weight.numel()
-    backbone_params = sum(p.numel() for p in model.lm.parameters()) - embedding
-    encoder, _ = build_features(cfg, backbone.tokenizer, backbone.kind)
-    sample = contract.read_table(contract.examples_dir(data, "train")).slice(0, 64).to_pydict()
-    rows = encoder.encode(sample, negatives_per_example=4)
-    tokens_per_row = sum(len(p) for p in rows["prompt_ids"]) / len(rows["prompt_ids"])
-    tokens_per_row += cfg.data.title_tokens * 20  # semantic view (<= 20 history titles)
-    del model
+        "scale.num_workers": gpus, "scale.cpus_per_worker": 2.0})
+    shape = backbone_shape(cfg)  # measured on the CPU once
 
     out = Path(tempfile.mkdtemp(prefix="gensr-gpu-bench-"))
     started = time.perf_counter()
     run_training(cfg, out)
     wall = time.perf_counter() - started
-    reports = [json.loads(line) for line in (out / "ray" / "gensr" / "metrics.jsonl").open()]
-    first, last = reports[0], reports[-1]
+    rows = reports(out)
+    first, last = rows[0], rows[-1]
     rows_per_s = ((last["step"] - first["step"]) * args.batch_size * gpus
                   / (last["elapsed_s"] - first["elapsed_s"]))
-    tokens_per_s = rows_per_s * tokens_per_row
+    tokens_per_s = rows_per_s * shape["tokens_per_row"]
     # LoRA: forward 2N + activation gradients 2N FLOPs per token through frozen weights
     # (no weight gradients), non-embedding parameters; adapters and GenSR modules ignored.
-    flops = 4 * backbone_params * tokens_per_s
-    print(f"{gpus} x {name}, {backbone_params / 1e6:.0f}M non-embedding params, "
-          f"{tokens_per_row:.0f} tokens/row, batch {args.batch_size}/GPU, ZeRO-3 bf16 LoRA")
+    flops = 4 * shape["params"] * tokens_per_s
+    memory = max(r.get("gpu_mem_peak_gib", 0.0) for r in rows)
+    print(f"{gpus} x {name}, {shape['params'] / 1e6:.0f}M non-embedding params, "
+          f"{shape['tokens_per_row']:.0f} backbone tokens/row, batch {args.batch_size}/GPU, "
+          "ZeRO-3 bf16 LoRA")
     print(f"samples/s {rows_per_s:.1f}  tokens/s {tokens_per_s:.0f}  "
-          f"model TFLOP/s {flops / 1e12:.1f}  (run wall {wall:.0f}s)")
+          f"model TFLOP/s {flops / 1e12:.1f}  peak GPU memory {memory:.2f} GiB  "
+          f"(run wall {wall:.0f}s)")
     if peak is None:
         print(f"unknown peak for {name!r}: pass --peak-tflops for MFU")
         raise SystemExit(0)

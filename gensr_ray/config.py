@@ -108,6 +108,9 @@ class ScaleConfig:
     data_cpus: float = _f(0.5, "CPUs a Tune trial reserves for its Ray Data read/tokenize "
                                "tasks (outside Tune they use the CPUs workers leave free)")
     zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
+    zero3_persistence_threshold: int = _f(
+        100_000, "ZeRO-3: parameters of fewer elements stay whole on every rank instead of being "
+                 "gathered at each use (LoRA adapters, norms, GenSR's small modules)")
     precision: str = _f("fp32", "compute dtype of the model under DeepSpeed: fp32 | bf16 (GPUs; "
                                 "the CPU accelerator too) | fp16 (decoder backbones, loss "
                                 "scaling); optimizer states and exported weights stay fp32",

@@ -18,8 +18,11 @@ from gensr_ray.train.loop import train_loop_per_worker
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None,
-               temp_dir: str | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+               temp_dir: str | None = None, include_dashboard: bool = True) -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one.
+
+    include_dashboard=False starts no dashboard (and no job server): for images that lack the
+    dashboard's dependencies (ray without the `default` extra)."""
     import ray
 
     if ray.is_initialized():
@@ -31,7 +34,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         ray.init(log_to_driver=True)
         return
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
-             include_dashboard=True, _temp_dir=temp_dir, log_to_driver=True,
+             include_dashboard=include_dashboard, _temp_dir=temp_dir, log_to_driver=True,
              _node_ip_address="127.0.0.1")
 
 

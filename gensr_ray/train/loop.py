@@ -81,6 +81,6 @@ def _metrics(strategy: Strategy, window: dict, steps: int, step: int, epoch: int
     """Window averages over optimizer steps and workers, plus progress and throughput."""
     averaged = strategy.mean({k: v / steps for k, v in window.items()})
     elapsed = time.perf_counter() - started
-    return {**averaged, "step": step, "epoch": epoch, "lr": strategy.lr(),
+    return {**averaged, **strategy.memory(), "step": step, "epoch": epoch, "lr": strategy.lr(),
             "elapsed_s": elapsed,  # since this worker's loop started (after set-up)
             "rows_per_s": strategy.world_size * rows / elapsed if elapsed else 0.0}

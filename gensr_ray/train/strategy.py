@@ -32,8 +32,8 @@ def deepspeed_config(cfg: GenSRConfig, world_size: int) -> dict:
     t, s = cfg.train, cfg.scale
     zero: dict = {"stage": s.zero_stage}
     if s.zero_stage == 3:
-        # small GenSR modules stay unpartitioned; the backbone's matrices are partitioned
-        zero.update({"stage3_param_persistence_threshold": 10_000,
+        # small parameters stay whole; the backbone's matrices are partitioned
+        zero.update({"stage3_param_persistence_threshold": s.zero3_persistence_threshold,
                      "stage3_gather_16bit_weights_on_model_save": False})
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.use_gpu}
@@ -187,6 +187,12 @@ class Strategy:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def memory(self) -> dict[str, float]:
+        """This worker's peak accelerator memory so far, in GiB (nothing on CPUs)."""
+        if not self.cfg.scale.use_gpu:
+            return {}
+        return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over all workers."""
