@@ -54,13 +54,13 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
-def reports(run: Path) -> list[dict]:
+def reports(cfg, run: Path) -> list[dict]:
     """Every metrics row Ray Train reported for a `gensr train --out run` directory."""
     import json
 
-    from gensr_ray.train.launch import metrics_log_path
+    from gensr_ray.train.launch import run_location
 
-    path = Path(metrics_log_path(str(run / "ray"), "gensr"))
+    path = Path(run_location(cfg, run).metrics)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -87,14 +87,14 @@ def main() -> None:
     t0 = time.perf_counter()
     first = run_training(cfg, run)
     train_wall = time.perf_counter() - t0
-    rows = reports(run)
+    rows = reports(cfg, run)
     speed = _throughput(rows, args.batch_size, shape)
     # 2. resume the same run with a larger budget: it must continue from the checkpoint
     t0 = time.perf_counter()
     resumed = run_training(apply_overrides(cfg, {"train.max_steps":
                                                  args.steps + args.resume_steps}), run)
     resume_wall = time.perf_counter() - t0
-    after = reports(run)[len(rows):]
+    after = reports(cfg, run)[len(rows):]
     resumed_from = {r.get("resumed_from") for r in after}
 
     # 3. score on the GPU (bf16) and, for a few examples, on the CPU (fp32)

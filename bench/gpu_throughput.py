@@ -60,7 +60,7 @@ def main() -> None:
     started = time.perf_counter()
     run_training(cfg, out)
     wall = time.perf_counter() - started
-    rows = reports(out)
+    rows = reports(cfg, out)
     first, last = rows[0], rows[-1]
     rows_per_s = ((last["step"] - first["step"]) * args.batch_size * gpus
                   / (last["elapsed_s"] - first["elapsed_s"]))

@@ -68,7 +68,7 @@ def main() -> None:
     import torch
 
     from gensr_ray.config import GenSRConfig, apply_overrides
-    from gensr_ray.train.launch import ensure_ray, run_training
+    from gensr_ray.train.launch import ensure_ray, run_location, run_training
 
     data = bench_data(args.data, n_users=300, n_items=500)
     cfg = apply_overrides(GenSRConfig(), {
@@ -90,7 +90,7 @@ def main() -> None:
     fit_start = time.perf_counter()
     run_training(cfg, out)
     fit_wall = time.perf_counter() - fit_start
-    reports = [json.loads(line) for line in (out / "ray" / "gensr" / "metrics.jsonl").open()]
+    reports = [json.loads(line) for line in Path(run_location(cfg, out).metrics).open()]
     first, last = reports[0], reports[-1]  # first report is at step `warmup`
     ray_rate = (last["step"] - first["step"]) * args.batch_size / (last["elapsed_s"] - first["elapsed_s"])
     startup = fit_wall - last["elapsed_s"]

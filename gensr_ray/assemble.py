@@ -44,7 +44,7 @@ def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
         backbone.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_subspace(backbone.model, cfg.model)
-    cf = load_cf(contract.cf_path(cfg.data.path))
+    cf = load_cf(contract.cf_path(contract.local_root(cfg.data.path)))
     model = GenSR(backbone.model, backbone.kind, torch.from_numpy(cf.item_emb), cfg.model,
                   backbone.yes_id, backbone.no_id)
     return model, backbone

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from gensr_ray import storage
 from gensr_ray.atomic import atomic_open, atomic_write_text
 from gensr_ray.config import GenSRConfig, from_dict
 
 TRAINABLE = "trainable.pt"
+SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
 
 
 def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: GenSRConfig,
@@ -32,15 +34,22 @@ def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: G
 
 
 def model_dir(checkpoint: str | Path) -> Path:
-    """Accept a checkpoint directory, its model/ subdirectory, or a `gensr train --out`
-    directory (its final checkpoint, from train_summary.json)."""
-    path = Path(checkpoint)
-    if (path / "train_summary.json").is_file():
-        path = Path(json.loads((path / "train_summary.json").read_text())["checkpoint"])
-    if (path / "model" / TRAINABLE).is_file():
-        return path / "model"
-    if (path / TRAINABLE).is_file():
-        return path
+    """The local directory of a checkpoint's model export.
+
+    Accepts a checkpoint directory, its model/ subdirectory, or a `gensr train --out`
+    directory (its final checkpoint, from train_summary.json), each local or a URI (s3://,
+    gs://): from object storage only the model export is copied, once, into this node's
+    cache (checkpoint directories are never rewritten)."""
+    path = str(checkpoint)
+    summary = storage.join(path, SUMMARY)
+    if storage.exists(summary):
+        final = json.loads(storage.read_text(summary))["checkpoint"]
+        # relative to the run directory, so a copied or moved run evaluates its own checkpoint
+        path = final if storage.is_uri(final) or Path(final).is_absolute() \
+            else storage.join(path, final)
+    for candidate in (storage.join(path, "model"), path):
+        if storage.exists(storage.join(candidate, TRAINABLE)):
+            return storage.local_dir(candidate)
     raise FileNotFoundError(f"{checkpoint}: not a gensr checkpoint (no model/{TRAINABLE})")
 
 

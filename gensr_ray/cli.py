@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build a dataset in the on-disk contract")
     p.add_argument("--dataset", choices=["ml100k", "synthetic", "amazon", "kuaisar"],
                    required=True)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
     p.add_argument("--source", type=Path, default=None,
                    help="ml100k: local recbole-1.2.1 wheel or ml-100k directory (default: "
                         "download the wheel into $GENSR_CACHE)")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train GenSR with Ray Train + DeepSpeed")
     p.add_argument("--config", type=Path, required=True, help="YAML config (configs/)")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--out", required=True, help="run directory or URI (s3://, gs://)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     p.set_defaults(func=_train)
@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a gensr train checkpoint")
-    p.add_argument("--data", type=Path, default=None,
-                   help="prepared dataset (default: the checkpoint's)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a gensr train --out directory or checkpoint, local or a URI")
+    p.add_argument("--data", default=None,
+                   help="prepared dataset, local or a URI (default: the checkpoint's)")
     p.add_argument("--baselines", action="store_true",
                    help="popularity, LightGCN and BM25 in the same harness")
     p.add_argument("--split", choices=["valid", "test"], default=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gensr_ray import storage
 from gensr_ray.data.amazon import AmazonOptions, load_amazon
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
@@ -55,13 +56,48 @@ def prepare_dataset(options: LoaderOptions, out: Path, write: WriteOptions | Non
             save_cf(train_lightgcn(tmp_dir, LightGCNConfig(seed=write.seed)), cf_path(tmp_dir))
             print(f"LightGCN pretrained on the training split in {time.perf_counter() - t0:.1f}s")
 
-    meta_json = write_dataset(raw, out, write, after_build=after_build)
+    if storage.is_uri(out):
+        meta_json = _write_to_uri(raw, str(out), write, after_build)
+    else:
+        meta_json = write_dataset(raw, out, write, after_build=after_build)
     counts = meta_json["counts"]
     print(f"prepared {name} in {out} ({time.perf_counter() - started:.1f}s)")
     print(format_statistics(name, meta_json))
     for split, by_task in counts["examples"].items():
         print(f"  {split:5s} examples: search {by_task['search']:6d}  rec {by_task['rec']:6d}")
     return meta_json
+
+
+def _write_to_uri(raw: RawDataset, out: str, write: WriteOptions, after_build) -> dict:
+    """Write locally, then upload: object stores have no rename, so the upload happens only
+    once the whole dataset is written (meta.json last, so readers never see half of one)."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs
+
+    fs, inner = storage.filesystem(out)
+    if storage.exists(storage.join(out, "meta.json")):
+        if not write.overwrite:
+            raise FileExistsError(f"{out} holds a dataset; pass --overwrite to replace it")
+        fs.delete_dir_contents(inner)
+    local = Path(tempfile.mkdtemp(prefix="gensr-prepare-"))
+    try:
+        meta = write_dataset(raw, local / "data", write, after_build=after_build)
+        for entry in sorted((local / "data").iterdir()):
+            if entry.name == "meta.json":
+                continue
+            target = f"{inner.rstrip('/')}/{entry.name}"
+            if entry.is_dir():
+                pyarrow.fs.copy_files(str(entry), target, destination_filesystem=fs,
+                                      source_filesystem=pyarrow.fs.LocalFileSystem())
+            else:
+                storage.write_text(storage.join(out, entry.name), entry.read_text())
+        meta_text = (local / "data" / "meta.json").read_text()
+        storage.write_text(storage.join(out, "meta.json"), meta_text)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return meta
 
 
 def format_statistics(dataset: str, meta: dict) -> str:
@@ -83,7 +119,13 @@ def format_statistics(dataset: str, meta: dict) -> str:
 
 def ensure_data(cfg):
     """Make data.path absolute (workers may run elsewhere) and prepare it if the config says
-    which dataset to build when it is missing."""
+    which dataset to build when it is missing. A URI (s3://, gs://) must hold a prepared
+    dataset already (`gensr prepare --out URI`)."""
+    if storage.is_uri(cfg.data.path):
+        if not storage.exists(storage.join(cfg.data.path, "meta.json")):
+            raise DataError(f"data.path {cfg.data.path} holds no prepared dataset (no "
+                            "meta.json); run `gensr prepare --out` with that URI first")
+        return cfg
     cfg.data.path = str(Path(cfg.data.path).resolve())
     if not Path(cfg.data.path).exists():
         if not cfg.data.prepare_if_missing:

@@ -2,7 +2,7 @@
 
     cli, jobs -> study -> prepare, train.launch -> train.loop, eval.run
       -> train.strategy, train.dataset, eval.* -> assemble -> model, inputs, cf
-      -> data.*, checkpoint -> data.contract -> config, atomic
+      -> data.*, checkpoint -> data.contract -> storage -> config, atomic
 
 Every `import gensr_ray...` statement counts, those inside functions included.
 """
@@ -16,20 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # (module prefix, layer): the longest matching prefix wins; higher layers import lower ones
 LAYERS = [
     ("gensr_ray.config", 0), ("gensr_ray.atomic", 0),
-    ("gensr_ray.data.contract", 1),
-    ("gensr_ray.data", 2), ("gensr_ray.checkpoint", 2),
-    ("gensr_ray.cf", 3), ("gensr_ray.model", 3), ("gensr_ray.inputs", 3),
-    ("gensr_ray.assemble", 4),
-    ("gensr_ray.train.strategy", 5), ("gensr_ray.train.dataset", 5), ("gensr_ray.eval", 5),
-    ("gensr_ray.train.loop", 6), ("gensr_ray.eval.run", 6),
-    ("gensr_ray.train.launch", 7), ("gensr_ray.prepare", 7),
-    ("gensr_ray.study", 8),
-    ("gensr_ray.cli", 9),
-    ("jobs", 10),
+    ("gensr_ray.storage", 1),
+    ("gensr_ray.data.contract", 2),
+    ("gensr_ray.data", 3), ("gensr_ray.checkpoint", 3),
+    ("gensr_ray.cf", 4), ("gensr_ray.model", 4), ("gensr_ray.inputs", 4),
+    ("gensr_ray.assemble", 5),
+    ("gensr_ray.train.strategy", 6), ("gensr_ray.train.dataset", 6), ("gensr_ray.eval", 6),
+    ("gensr_ray.train.loop", 7), ("gensr_ray.eval.run", 7),
+    ("gensr_ray.train.launch", 8), ("gensr_ray.prepare", 8),
+    ("gensr_ray.study", 9),
+    ("gensr_ray.cli", 10),
+    ("jobs", 11),
 ]
 # the plain-torch model reads no files and builds no inputs
-MODEL_MAY_IMPORT = ("gensr_ray.config", "gensr_ray.atomic", "gensr_ray.data.contract",
-                    "gensr_ray.model")
+MODEL_MAY_IMPORT = ("gensr_ray.config", "gensr_ray.atomic", "gensr_ray.storage",
+                    "gensr_ray.data.contract", "gensr_ray.model")
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from gensr_ray.config import GenSRConfig, apply_overrides
+
+pytestmark = pytest.mark.multinode
 from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import WriteOptions, write_dataset
@@ -69,7 +71,9 @@ def _config(data: Path) -> GenSRConfig:
 
 
 def _reports(out: Path) -> list[dict]:
-    path = out / "ray" / "gensr" / "metrics.jsonl"
+    from gensr_ray.train.launch import run_location
+
+    path = Path(run_location(GenSRConfig(), out).metrics)
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -109,7 +113,10 @@ def test_a_killed_node_is_survived_and_the_run_matches_an_uninterrupted_one(two_
     assert abs(final - expected) <= TOLERANCE
 
     # no checkpoint is half-written: each has every rank's ZeRO shard and the model export
-    checkpoints = sorted(p for p in (out / "ray" / "gensr").glob("checkpoint_*") if p.is_dir())
+    from gensr_ray.train.launch import run_location
+
+    run_dir = Path(run_location(GenSRConfig(), out).run_dir)
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert checkpoints
     for ckpt in checkpoints:
         shards = sorted(p.name for p in (ckpt / "deepspeed" / "state").glob("*optim_states.pt"))

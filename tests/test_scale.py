@@ -7,6 +7,9 @@ from pathlib import Path
 
 import yaml
 
+from gensr_ray.config import GenSRConfig
+from gensr_ray.train.launch import run_location
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -65,8 +68,11 @@ def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
         assert submit.returncode == 0 and "succeeded" in logs, logs[-3000:]
         assert "final checkpoint:" in logs
         summary = json.loads((out / "train_summary.json").read_text())
-        assert (Path(summary["checkpoint"]) / "model" / "trainable.pt").is_file()
-        assert (out / "ray" / "gensr" / "metrics.jsonl").read_text().count("\n") >= 2
+        # relative to the run directory, so a copied run evaluates its own checkpoint
+        assert not Path(summary["checkpoint"]).is_absolute()
+        assert (out / summary["checkpoint"] / "model" / "trainable.pt").is_file()
+        metrics = Path(run_location(GenSRConfig(), out).metrics)
+        assert metrics.read_text().count("\n") >= 2
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

@@ -16,7 +16,7 @@ from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.losses import answer_score
-from gensr_ray.train.launch import run_training
+from gensr_ray.train.launch import run_location, run_training
 
 
 def _with_cf(tmp: Path) -> None:
@@ -55,7 +55,7 @@ def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthe
     out = tmp_path / "run"
     summary = run_training(cfg, out)
     ckpt = Path(summary["checkpoint"])
-    progress = _progress(out)
+    progress = _progress(out, cfg)
     losses = [m["loss_answer"] for m in progress]
     assert losses[-1] < losses[0], losses  # the synthetic set is learnable
     assert summary["metrics"]["step"] == 16
@@ -85,13 +85,13 @@ def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthe
     # same --out again with a higher step budget: resumes from step 16, does not restart
     resumed = run_training(apply_overrides(cfg, {"train.max_steps": 20}), out)
     assert resumed["metrics"]["step"] == 20
-    steps = [m["step"] for m in _progress(out)]
+    steps = [m["step"] for m in _progress(out, cfg)]
     assert steps[len(progress):] and min(steps[len(progress):]) > 16, steps
 
 
-def _progress(out: Path) -> list[dict]:
+def _progress(out: Path, cfg: GenSRConfig) -> list[dict]:
     """Every metrics row Ray Train reported for the run, in order (metrics.jsonl)."""
-    path = out / "ray" / "gensr" / "metrics.jsonl"
+    path = Path(run_location(cfg, out).metrics)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

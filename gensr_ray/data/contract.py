@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from gensr_ray import storage
+
 SCHEMA_VERSION = 1
 MAX_HISTORY = 20
 TRAIN_NEGATIVES = 4
@@ -98,6 +100,38 @@ def cf_path(root: Path) -> Path:
 def shard_files(directory: Path) -> list[Path]:
     """The parquet shards of one table, in order."""
     return sorted(Path(directory).glob("part-*.parquet"))
+
+
+def local_root(root: str | Path) -> Path:
+    """The dataset at `root` as a local directory: itself, or this node's mirror of a URI
+    (s3://, gs://), made once per version of the dataset (meta.json and the CF tables)."""
+    if not storage.is_uri(root):
+        return Path(root)
+    import pyarrow.fs
+
+    meta = storage.join(root, "meta.json")
+    if not storage.exists(meta):
+        raise DataError(f"{root}: not a prepared dataset (no meta.json); run `gensr prepare` "
+                        "first")
+    fs, cf = storage.filesystem(storage.join(root, "cf", "lightgcn.npz"))
+    info = fs.get_file_info(cf)
+    cf_version = f"{info.size}:{info.mtime_ns}" if info.type == pyarrow.fs.FileType.File else ""
+    return storage.mirror(str(root), version=storage.read_text(meta) + cf_version)
+
+
+def example_shards(root: str | Path, split: str) -> list[str]:
+    """The example shards of a split as paths or URIs, without copying them (Ray Data tasks
+    read each one where it lies)."""
+    if not storage.is_uri(root):
+        return [str(p) for p in shard_files(examples_dir(root, split))]
+    import pyarrow.fs
+
+    examples_dir(".", split)  # checks the split name
+    fs, inner = storage.filesystem(storage.join(root, "examples", split))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    names = sorted(i.base_name for i in infos
+                   if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    return [storage.join(root, "examples", split, name) for name in names]
 
 
 def read_meta(root: Path) -> dict:

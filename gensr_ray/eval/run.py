@@ -8,7 +8,7 @@ from pathlib import Path
 from gensr_ray.assemble import load_for_eval
 from gensr_ray.checkpoint import read_checkpoint_config
 from gensr_ray.config import GenSRConfig
-from gensr_ray.data.contract import read_meta
+from gensr_ray.data.contract import local_root, read_meta
 from gensr_ray.eval.gensr_scorer import build_gensr_scorer
 from gensr_ray.eval.harness import build_baselines, evaluate
 
@@ -29,6 +29,7 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
     data = data or (cfg.data.path if cfg else None)
     if data is None:
         raise ValueError("the dataset is required to evaluate the baselines alone")
+    data = local_root(data)  # this node's copy of a dataset given as a URI
     read_meta(data)
     baselines = build_baselines(data)
     scorers = dict(baselines) if with_baselines else {}

@@ -13,15 +13,17 @@ from gensr_ray.inputs.prompts import all_template_text
 
 def vocabulary_texts(data_path: str | Path) -> list[str]:
     """Every text a prompt can contain: item titles and texts, queries, templates."""
-    items = contract.read_table(contract.items_dir(data_path), ["title", "text"])
-    queries = contract.read_table(contract.interactions_dir(data_path), ["query"])
+    root = contract.local_root(data_path)
+    items = contract.read_table(contract.items_dir(root), ["title", "text"])
+    queries = contract.read_table(contract.interactions_dir(root), ["query"])
     texts = items.column("title").to_pylist() + items.column("text").to_pylist()
     texts += sorted({q for q in queries.column("query").to_pylist() if q})
     return texts + all_template_text()
 
 
 def item_tokens(cfg: GenSRConfig, tokenizer) -> ItemTokens:
-    titles = contract.read_table(contract.items_dir(cfg.data.path), ["title"])
+    titles = contract.read_table(contract.items_dir(contract.local_root(cfg.data.path)),
+                                 ["title"])
     return tokenize_titles(tokenizer, titles.column("title").to_pylist(),
                            cfg.data.prompt_title_tokens, cfg.data.title_tokens,
                            cfg.data.target_title_tokens)

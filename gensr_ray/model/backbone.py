@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gensr_ray.atomic import atomic_directory
+from gensr_ray.storage import cache_root, is_uri, mirror
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ class Backbone:
     no_id: int
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("GENSR_CACHE", Path.home() / ".cache" / "gensr_ray")) / "backbones"
-
-
 def resolve_backbone(spec: str, vocab_texts=None) -> Path:
     """Return a local directory holding the backbone `spec`, materialising presets once.
 
@@ -53,7 +49,8 @@ def resolve_backbone(spec: str, vocab_texts=None) -> Path:
     vocabulary is built from it, and the cache key includes it.
     """
     if not spec.startswith("preset:"):
-        path = Path(spec).expanduser()
+        # a URI (s3://, gs://) is copied once into this node's cache
+        path = mirror(spec) if is_uri(spec) else Path(spec).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model.backbone={spec!r}: no config.json there; give a local Hugging Face "
@@ -67,12 +64,12 @@ def resolve_backbone(spec: str, vocab_texts=None) -> Path:
             raise ValueError(f"{spec} needs the dataset's texts to build its vocabulary")
         words = build_vocabulary(vocab_texts)
         key = hashlib.sha256(json.dumps([name, TINY_SEED, words]).encode()).hexdigest()[:12]
-        target = cache_root() / f"{name}-{key}"
+        target = cache_root() / "backbones" / f"{name}-{key}"
         return _materialise(target, lambda d: _build_tiny(name, words, d))
     match = re.fullmatch(r"smollm2-135m(?:-L(\d+))?", name)
     if match:
         layers = int(match.group(1)) if match.group(1) else None
-        target = cache_root() / name
+        target = cache_root() / "backbones" / name
         return _materialise(target, lambda d: _convert_smollm2(d, layers))
     raise ValueError(f"unknown backbone preset {spec!r}")
 
@@ -83,6 +80,8 @@ def _materialise(target: Path, build) -> Path:
         return target
     with atomic_directory(target) as tmp:
         build(tmp)
+        if not (tmp / "config.json").is_file():  # never publish half a model
+            raise RuntimeError(f"building {target.name} wrote no config.json")
     return target
 
 
@@ -138,8 +137,16 @@ def _build_tiny(name: str, words: list[str], out: Path) -> None:
                           num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=2,
                           decoder_start_token_id=0, dropout_rate=0.0)
         model = T5ForConditionalGeneration(config)
-    model.save_pretrained(out)
+    _save_on_any_rank(model, out)
     tokenizer.save_pretrained(out)
+
+
+def _save_on_any_rank(model, out: Path) -> None:
+    """save_pretrained, whatever this process's torch.distributed rank: once a process group
+    is up, transformers writes model files on rank 0 only (should_save_on_this_rank), but a
+    preset is built on each node by whichever rank gets there first."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    model.save_pretrained(out)
 
 
 def _convert_smollm2(out: Path, layers: int | None) -> None:
@@ -175,7 +182,7 @@ def _convert_smollm2(out: Path, layers: int | None) -> None:
                  if not (m := keep.match(k)) or int(m.group(1)) < layers}
     model = LlamaForCausalLM(config)
     model.load_state_dict(state, strict=False)
-    model.save_pretrained(out)
+    _save_on_any_rank(model, out)
     tokenizer.save_pretrained(out)
 
 
@@ -184,11 +191,10 @@ def load_backbone(path: str | Path, attn_implementation: str = "sdpa") -> Backbo
 
     The model comes back in eval mode (as from_pretrained returns it); training puts it in
     train mode, so dropout acts as the backbone's config says."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    kind = "encoder-decoder" if config.is_encoder_decoder else "decoder"
+    kind = backbone_kind(path)
     loader = AutoModelForSeq2SeqLM if kind == "encoder-decoder" else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32,
@@ -201,6 +207,14 @@ def load_backbone(path: str | Path, attn_implementation: str = "sdpa") -> Backbo
     tokenizer = load_tokenizer(path)
     return Backbone(model=model, tokenizer=tokenizer, kind=kind, path=str(path),
                     yes_id=answer_token(tokenizer, "Yes"), no_id=answer_token(tokenizer, "No"))
+
+
+def backbone_kind(path: str | Path) -> str:
+    """"encoder-decoder" (T5 family) or "decoder" (causal LMs), from the directory's config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return "encoder-decoder" if config.is_encoder_decoder else "decoder"
 
 
 def load_tokenizer(path: str | Path):

@@ -14,33 +14,28 @@ import pyarrow.parquet as pq
 from gensr_ray.config import GenSRConfig
 from gensr_ray.data import contract
 from gensr_ray.inputs.build import build_features
-from gensr_ray.model.backbone import load_tokenizer
 
 EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
 # CPUs each read / tokenize task asks for. Ray Data only schedules its tasks on CPUs that
 # the trainer's workers leave free (or on a Tune trial's data bundle), and tokenizing is
 # light; asking for less than a whole CPU leaves room on small machines.
 DATA_TASK_CPUS = 0.25
-_ENCODERS: dict = {}  # per-process cache: tokenizer and item titles load once per task process
+_ENCODERS: dict = {}  # per task process: item title tokens are read and tokenized once
 
 
-def _encoder(cfg: GenSRConfig, backbone_dir: str):
-    key = (backbone_dir, cfg.data.path, cfg.model.prompt, cfg.model.query_in_prompt,
-           cfg.data.prompt_title_tokens)
+def _encoder(cfg: GenSRConfig, tokenizer, kind: str):
+    key = (cfg.data.path, cfg.model.prompt, cfg.model.query_in_prompt,
+           cfg.data.prompt_title_tokens, tokenizer.name_or_path, len(tokenizer), kind)
     if key not in _ENCODERS:
-        from transformers import AutoConfig
-
-        tokenizer = load_tokenizer(backbone_dir)
-        seq2seq = AutoConfig.from_pretrained(backbone_dir, local_files_only=True).is_encoder_decoder
-        encoder, _ = build_features(cfg, tokenizer, "encoder-decoder" if seq2seq else "decoder")
-        _ENCODERS[key] = encoder
+        # the items table from this node's copy of the dataset (a mirror when it is a URI)
+        _ENCODERS[key], _ = build_features(cfg, tokenizer, kind)
     return _ENCODERS[key]
 
 
-def encode_examples(batch: dict[str, np.ndarray], cfg: GenSRConfig, backbone_dir: str
+def encode_examples(batch: dict[str, np.ndarray], cfg: GenSRConfig, tokenizer, kind: str
                     ) -> pa.Table:
     """A batch of examples -> a table of pointwise rows (map_batches function)."""
-    rows = _encoder(cfg, backbone_dir).encode(
+    rows = _encoder(cfg, tokenizer, kind).encode(
         batch, negatives_per_example=cfg.train.negatives_per_example)
     return pa.table({
         "example_id": pa.array(rows["example_id"], pa.int64()),
@@ -68,8 +63,11 @@ def read_shards(batch: dict[str, np.ndarray], columns: list[str], seed: int) -> 
     return pa.concat_tables(tables)
 
 
-def training_dataset(cfg: GenSRConfig, backbone_dir: str):
+def training_dataset(cfg: GenSRConfig, tokenizer, kind: str):
     """The training split as a lazily executed Ray Dataset of pointwise rows.
+
+    `tokenizer` (the backbone's, loaded by the driver) travels with the tasks, so no task
+    reads the backbone's directory; shards are read where they lie (a path or a URI).
 
     The shard list is known from the contract, so reading is a map over paths rather than
     `read_parquet`: its file-listing task always asks for a whole CPU, which a Tune trial's
@@ -77,7 +75,7 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
     """
     import ray.data
 
-    files = [str(f) for f in contract.shard_files(contract.examples_dir(cfg.data.path, "train"))]
+    files = contract.example_shards(cfg.data.path, "train")
     if not files:
         raise contract.DataError(f"{cfg.data.path}: no training example shards")
     seed = cfg.data.shuffle_seed
@@ -89,4 +87,4 @@ def training_dataset(cfg: GenSRConfig, backbone_dir: str):
                         fn_kwargs={"columns": EXAMPLE_COLUMNS, "seed": seed})
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS,
-                          fn_kwargs={"cfg": cfg, "backbone_dir": backbone_dir})
+                          fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "kind": kind})

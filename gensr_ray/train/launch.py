@@ -6,13 +6,18 @@ gensr_ray.train.loop; the worker side of distribution is gensr_ray.train.strateg
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from gensr_ray import storage
 from gensr_ray.assemble import resolve_config_backbone
+from gensr_ray.checkpoint import SUMMARY
 from gensr_ray.config import GenSRConfig
+from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
 
@@ -38,8 +43,34 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
              _node_ip_address="127.0.0.1")
 
 
-def metrics_log_path(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}/metrics.jsonl"
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run writes: its --out (a local directory or a URI) and Ray Train's storage.
+
+    The run's name is derived from --out, so each --out (and each Tune trial) has its own
+    directory under a shared storage prefix and only ever resumes from its own checkpoints.
+    """
+
+    out: str
+    storage: str  # scale.storage_path, or <out>/ray
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256(self.out.encode()).hexdigest()[:10]
+        return f"{self.out.rstrip('/').rsplit('/', 1)[-1] or 'run'}-{digest}"
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.run_dir, "metrics.jsonl")
+
+
+def run_location(cfg: GenSRConfig, out: str | Path) -> RunLocation:
+    out = storage.absolute(out)
+    return RunLocation(out, storage.absolute(cfg.scale.storage_path or storage.join(out, "ray")))
 
 
 def _metrics_log_callback(path: str):
@@ -63,7 +94,9 @@ def _metrics_log_callback(path: str):
                 if fs.get_file_info(file).type == pyarrow.fs.FileType.File:
                     with fs.open_input_stream(file) as f:
                         self.lines = f.read().decode().splitlines()
-            row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None}
+            row = {**metrics[0], "checkpoint": storage.uri_of(checkpoint.filesystem,
+                                                              checkpoint.path)
+                   if checkpoint else None}
             self.lines.append(json.dumps(row, default=float))
             fs.create_dir(file.rsplit("/", 1)[0], recursive=True)
             with fs.open_output_stream(file) as f:
@@ -72,38 +105,38 @@ def _metrics_log_callback(path: str):
     return MetricsLog()
 
 
-def fit(cfg: GenSRConfig, out_dir: str | Path, backbone_dir: str, name: str = "gensr",
-        callbacks: list | None = None):
-    """Run the training job with Ray Train; returns the ray.train.Result."""
+def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None):
+    """Run the training job with Ray Train; returns the ray.train.Result.
+
+    The driver loads the backbone's tokenizer for the Ray Data tasks; each worker
+    materialises the backbone itself (train.loop), so no process reads a directory that only
+    the driver's node has."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out_dir = Path(out_dir).resolve()
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    backbone_dir = resolve_config_backbone(cfg)
+    tokenizer, kind = load_tokenizer(backbone_dir), backbone_kind(backbone_dir)
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
-    storage = s.storage_path or str(out_dir / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the config object crosses the Ray boundary as it is (pickled), never as a dict
-        train_loop_config={"cfg": cfg, "backbone_dir": backbone_dir},
+        train_loop_config={"cfg": cfg},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=where.name, storage_path=where.storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
-            callbacks=[_metrics_log_callback(metrics_log_path(storage, name)),
-                       *(callbacks or [])]),
-        datasets={"train": _in_current_placement_group(training_dataset(cfg, backbone_dir))},
+            callbacks=[_metrics_log_callback(where.metrics), *(callbacks or [])]),
+        datasets={"train": _in_current_placement_group(training_dataset(cfg, tokenizer, kind))},
     )
     return trainer.fit()
 
@@ -127,22 +160,34 @@ def _in_current_placement_group(ds):
 
 
 def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = None) -> dict:
-    """Train with Ray Train; returns {"checkpoint": path, "metrics": dict} (also in out/).
+    """Train with Ray Train; returns {"checkpoint": path or URI, "metrics": dict}, also
+    written to <out>/train_summary.json. `out` may be a local directory or a URI.
 
     `callbacks`: extra Ray Train callbacks (Tune trials pass TuneReportCallback)."""
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    result = fit(cfg, out, resolve_config_backbone(cfg), callbacks=callbacks)
+    where = run_location(cfg, out)
+    if not storage.is_uri(where.out):
+        Path(where.out).mkdir(parents=True, exist_ok=True)
+    result = fit(cfg, where, callbacks=callbacks)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
-    checkpoint = Path(result.checkpoint.path)
-    if cfg.scale.num_workers == 0:  # local mode keeps the checkpoint in a temporary dir
-        final = out / "checkpoint_final"
+    # Ray reports (filesystem, path without scheme): name it as a URI evaluation can open
+    checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)
+    if cfg.scale.num_workers == 0 and not storage.is_uri(where.out):
+        # local mode keeps the checkpoint in a temporary dir
+        final = Path(where.out) / "checkpoint_final"
         shutil.rmtree(final, ignore_errors=True)
-        shutil.move(str(checkpoint), final)
-        checkpoint = final
-    summary = {"checkpoint": str(checkpoint), "metrics": result.metrics}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    return summary
+        shutil.move(checkpoint, final)
+        checkpoint = str(final)
+    summary = {"checkpoint": _relative_to(checkpoint, where.out), "metrics": result.metrics}
+    storage.write_text(storage.join(where.out, SUMMARY),
+                       json.dumps(summary, indent=2, default=float) + "\n")
+    return {**summary, "checkpoint": checkpoint}
+
+
+def _relative_to(path: str, out: str) -> str:
+    """`path` relative to the run directory when it lies inside it (a copied run evaluates
+    its own checkpoint), else as it is."""
+    prefix = out.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from gensr_ray.assemble import build_model
+from gensr_ray.assemble import build_model, resolve_config_backbone
 from gensr_ray.config import GenSRConfig
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
@@ -19,7 +19,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: GenSRConfig = config["cfg"]
     strategy = Strategy(cfg)
 
-    model, backbone = build_model(cfg, config["backbone_dir"])
+    # this node's copy of the backbone (presets built, URIs mirrored, once per node)
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     _, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     engine = strategy.prepare(model)
     state = strategy.restore() or {"step": 0, "epoch": 0, "micro": 0}

@@ -1,0 +1,167 @@
+"""Nodes that share nothing but object storage.
+
+A 2-node Ray cluster on 127.0.0.1 whose nodes each have their own cache directory (backbones,
+dataset and checkpoint mirrors; the driver has another), with the dataset and the run's output
+on an S3 server the test starts (moto, on 127.0.0.1). The dataset is prepared straight onto
+S3 (its local copy is gone before training starts), so nothing a worker reads can come from
+the driver's disk. Mid-run the node of one training worker is lost and a fresh node (with an
+empty cache) joins: the run resumes from the checkpoint on S3, its checkpoint URI evaluates,
+and a second run under the same storage prefix starts from scratch rather than resuming the
+first one's checkpoints.
+
+Slow (two Ray Train runs on two nodes): `pytest -m multinode` runs these tests alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from gensr_ray import storage
+from gensr_ray.config import GenSRConfig, apply_overrides
+
+pytestmark = pytest.mark.multinode
+BUCKET = "gensr-test"
+STEPS = 24
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server on 127.0.0.1 with one bucket; AWS_* point pyarrow (Ray's
+    storage, our reads and writes) and boto3 at it, in this process and in the nodes."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**AWS, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def nodes(s3, tmp_path, model_cache):
+    """Head and worker nodes, each with a cache directory of its own."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the shared single-node cluster; tests after this one restart it
+    caches = []
+
+    def node_args(name: str) -> dict:
+        caches.append(tmp_path / f"cache-{name}")
+        return {"num_cpus": 1, "object_store_memory": 300 << 20,
+                "env_vars": {"GENSR_CACHE": str(caches[-1])}}
+
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={**node_args("head"), "include_dashboard": True})
+    worker = cluster.add_node(**node_args("worker"))
+    cluster.wait_for_nodes()
+    yield cluster, worker, node_args, caches
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _config(data: str, **overrides) -> GenSRConfig:
+    return apply_overrides(GenSRConfig(), {
+        "data.path": data, "data.shuffle_seed": -1, "model.backbone": "preset:tiny-llama",
+        "model.prompt": "minimal", "model.lora_r": 4, "train.batch_size": 20,
+        "train.lr": 3e-3, "train.warmup_steps": 2, "train.max_steps": STEPS,
+        "train.log_every": 8, "train.checkpoint_every": 8, "scale.num_workers": 2,
+        "scale.cpus_per_worker": 0.5, "scale.placement_strategy": "STRICT_SPREAD",
+        "scale.max_failures": 2, "scale.storage_path": f"s3://{BUCKET}/ray",
+        "eval.max_examples": 10, **overrides})
+
+
+def _reports(cfg: GenSRConfig, out: str) -> list[dict]:
+    from gensr_ray.train.launch import run_location
+
+    path = run_location(cfg, out).metrics
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines()]
+
+
+def test_training_on_nodes_that_share_only_object_storage(nodes, model_cache):
+    from gensr_ray.data.synthetic import SyntheticOptions
+    from gensr_ray.data.writer import WriteOptions
+    from gensr_ray.eval.run import evaluate_run
+    from gensr_ray.prepare import ensure_data, prepare_dataset
+    from gensr_ray.train.launch import run_location, run_training
+
+    cluster, worker_node, node_args, caches = nodes
+    data = f"s3://{BUCKET}/data/synthetic"
+    prepare_dataset(SyntheticOptions(seed=0, n_users=80, n_items=140, events_per_user=14),
+                    data, WriteOptions(rows_per_shard=300))
+    cfg = ensure_data(_config(data))
+    assert cfg.data.path == data  # a URI stays a URI
+
+    out = f"s3://{BUCKET}/runs/interrupted"
+    result: dict = {}
+    errors: list = []
+
+    def train():
+        try:
+            result.update(run_training(cfg, out))
+        except BaseException as exc:  # surfaced below, with the run's reports
+            errors.append(exc)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not any(r["checkpoint"] for r in _reports(cfg, out)):
+        assert time.monotonic() < deadline and thread.is_alive(), (errors, "no checkpoint")
+        time.sleep(0.5)
+    before = _reports(cfg, out)
+    saved_step = max(r["step"] for r in before if r["checkpoint"])
+    assert all(r["checkpoint"].startswith(f"s3://{BUCKET}/ray/") for r in before
+               if r["checkpoint"])
+    cluster.remove_node(worker_node)  # the node of one training worker dies
+    cluster.add_node(**node_args("replacement"))  # a fresh node, empty cache, joins
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not errors, errors
+
+    after = _reports(cfg, out)[len(before):]
+    assert result["metrics"]["step"] == STEPS
+    assert after[-1]["resumed_from"] >= saved_step > 0  # from the checkpoint on S3
+    summary = json.loads(storage.read_text(f"{out}/train_summary.json"))
+    assert summary["checkpoint"] == result["checkpoint"]
+    assert summary["checkpoint"].startswith(f"s3://{BUCKET}/ray/{run_location(cfg, out).name}/")
+
+    # every node built its own backbone and mirrored the dataset into its own cache
+    for cache in caches:
+        assert list((cache / "backbones").glob("tiny-llama-*")), cache
+        assert list((cache / "mirrors").glob("synthetic-*")), cache
+
+    # the checkpoint, by the run's URI: the model export is mirrored, the metrics computed
+    results = evaluate_run(out, split="test")
+    gensr = results["models"]["gensr"]
+    assert set(gensr) == {"search", "rec"} and 0.0 <= gensr["rec"]["sampled"]["HR@10"] <= 1.0
+    assert results["checkpoint"] == out
+
+    # another --out under the same storage prefix is another run: it does not resume the first
+    other = f"s3://{BUCKET}/runs/other"
+    second_cfg = apply_overrides(cfg, {"train.max_steps": 4, "train.log_every": 2,
+                                       "train.checkpoint_every": 4})
+    assert run_location(second_cfg, other).name != run_location(cfg, out).name
+    second = run_training(second_cfg, other)
+    assert second["metrics"]["step"] == 4
+    assert {r["resumed_from"] for r in _reports(second_cfg, other)} == {0}
