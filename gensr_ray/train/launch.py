@@ -52,7 +52,7 @@ class RunLocation:
     """
 
     out: str
-    storage: str  # scale.storage_path, or <out>/ray
+    storage_path: str  # scale.storage_path, or <out>/ray
 
     @property
     def name(self) -> str:
@@ -61,7 +61,7 @@ class RunLocation:
 
     @property
     def run_dir(self) -> str:
-        return storage.join(self.storage, self.name)
+        return storage.join(self.storage_path, self.name)
 
     @property
     def metrics(self) -> str:
@@ -132,7 +132,7 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None):
                                      resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(
-            name=where.name, storage_path=where.storage,
+            name=where.name, storage_path=where.storage_path,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
             callbacks=[_metrics_log_callback(where.metrics), *(callbacks or [])]),
