@@ -24,6 +24,11 @@ TRAINABLE = "trainable.pt"
 SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, or holding what a safe loader
+    refuses. The message names the file."""
+
+
 def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: GenSRConfig,
                        state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)

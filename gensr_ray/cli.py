@@ -181,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gensr_ray.checkpoint import CheckpointError
     from gensr_ray.config import ConfigError
     from gensr_ray.data.contract import DataError
 
     try:
         args.func(args)
-    except (DataError, ConfigError, FileExistsError, FileNotFoundError) as exc:
+    except (DataError, ConfigError, CheckpointError, FileExistsError,
+            FileNotFoundError) as exc:
         print(f"gensr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

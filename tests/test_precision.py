@@ -282,3 +282,46 @@ def test_bf16_scoring_agrees_with_fp32(data, backbone):
     np.testing.assert_allclose(scores["bf16"], scores["fp32"], atol=2 ** -5 * scale)
     agree = (scores["bf16"].argmax(1) == scores["fp32"].argmax(1)).mean()
     assert agree >= 5 / 6
+
+
+class _Planted:
+    """What an attacker with write access to checkpoint storage could put in a file: an
+    object whose unpickling runs code (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_loads_a_checkpoint_and_refuses_one_that_would_run_code(data, tmp_path):
+    from gensr_ray.checkpoint import CheckpointError
+    from gensr_ray.train.strategy import CHECKPOINT_STATE, TAG
+
+    cfg = _config(data, **{"scale.precision": "bf16"})
+    strategy, engine, backbone = _engine(cfg)
+    batch = _batch(cfg, backbone)
+    for _ in range(2):
+        loss, _ = gensr_loss(engine(batch), batch["label"], cfg.loss, cfg.model)
+        strategy.backward(loss)
+        strategy.step()
+    strategy.save(tmp_path, {"step": 2, "epoch": 0, "micro": 2})
+    with torch.no_grad():
+        expected = engine.module.eval()(batch)["logits"]
+
+    resumed, engine2, _ = _engine(cfg)  # a fresh engine, as a restarted worker builds it
+    state = resumed.load(tmp_path)
+    assert {k: state[k] for k in ("step", "epoch", "micro")} == {"step": 2, "epoch": 0, "micro": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(engine2.module.eval()(batch)["logits"], expected,
+                                   rtol=0, atol=0)
+
+    marker = tmp_path / "code-ran"
+    states = sorted((tmp_path / CHECKPOINT_STATE / TAG).glob("*model_states.pt"))
+    assert states
+    torch.save({"module": _Planted(marker)}, states[0])
+    third, _, _ = _engine(cfg)
+    with pytest.raises(CheckpointError, match=f"{states[0].name}: refused to load"):
+        third.load(tmp_path)
+    assert not marker.exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gensr_ray.checkpoint import write_model_export
+from gensr_ray.checkpoint import CheckpointError, write_model_export
 from gensr_ray.config import GenSRConfig
 
 log = logging.getLogger(__name__)
@@ -257,12 +257,41 @@ class Strategy:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            _, state = self.engine.load_checkpoint(
-                str(Path(directory) / CHECKPOINT_STATE), tag=TAG,
-                load_optimizer_states=True, load_lr_scheduler_states=True)
+            state = self.load(Path(directory))
         log.info("rank %d resumed from %s at step %s", self.rank, checkpoint.path,
                  state.get("step"))
         return state
+
+    def load(self, directory: Path) -> dict:
+        """Load a checkpoint directory's DeepSpeed state into the engine; its client state.
+
+        DeepSpeed's own loader unpickles whatever the files hold (weights_only=False), so a
+        file planted in checkpoint storage would run code on every worker; here every file
+        is read with torch's weights-only unpickler, which admits tensors, containers and
+        the few DeepSpeed types a checkpoint holds, and refuses anything else."""
+        self.engine.checkpoint_engine.load = _weights_only_load
+        _, state = self.engine.load_checkpoint(
+            str(directory / CHECKPOINT_STATE), tag=TAG,
+            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if state is None:
+            raise CheckpointError(f"{directory / CHECKPOINT_STATE}: no DeepSpeed state "
+                                  f"tagged {TAG!r}")
+        return state
+
+
+def _weights_only_load(path: str, map_location=None):
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("\n\n")[0].strip()
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and "
+                              f"DeepSpeed's checkpoint types ({reason})") from None
 
 
 def _local_mode(context) -> bool:
