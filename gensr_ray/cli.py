@@ -58,8 +58,13 @@ def _pretrain_cf(args: argparse.Namespace) -> None:
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
     from gensr_ray.data.contract import cf_path, read_meta
 
+    if args.epochs is not None and args.epochs < 1:
+        from gensr_ray.config import ConfigError
+
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     read_meta(args.data)
-    config = LightGCNConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    config = LightGCNConfig(seed=args.seed,
+                            **({"epochs": args.epochs} if args.epochs is not None else {}))
     started = time.perf_counter()
     save_cf(train_lightgcn(args.data, config), cf_path(args.data))
     print(f"LightGCN tables written to {cf_path(args.data)} ({time.perf_counter() - started:.1f}s)")

@@ -7,6 +7,7 @@ are errors, and every field says what it is for in its `help` metadata.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,38 @@ DATASETS_TO_PREPARE = ("", "ml100k", "synthetic")  # those that need no input fi
 SPLITS = ("valid", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: _finite(v) and v >= 0, ">= 0")
+_POSITIVE = (lambda v: _finite(v) and v > 0, "> 0 (and finite)")
+# Ranges of numeric settings, checked with the types when a config loads (before Ray
+# starts): a wrong value is one line naming the setting, not a traceback minutes later.
+RANGES: dict[str, tuple] = {
+    "data.title_tokens": _AT_LEAST_1, "data.target_title_tokens": _AT_LEAST_1,
+    "data.prompt_title_tokens": _AT_LEAST_1,
+    "model.lora_r": _AT_LEAST_1, "model.lora_alpha": _POSITIVE,
+    "model.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.cf_dim": _AT_LEAST_1, "model.cf_heads": _AT_LEAST_1, "model.sem_heads": _AT_LEAST_1,
+    "loss.contrastive_weight": _NON_NEGATIVE, "loss.temperature": _POSITIVE,
+    "train.epochs": _AT_LEAST_1,
+    "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (run all epochs) or >= 1"),
+    "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1, "train.lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
+    "train.grad_clip": _NON_NEGATIVE, "train.negatives_per_example": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
+    "scale.num_workers": _NON_NEGATIVE, "scale.cpus_per_worker": _POSITIVE,
+    "scale.data_cpus": _POSITIVE, "scale.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
+    "scale.zero3_persistence_threshold": _NON_NEGATIVE,
+    "scale.max_failures": (lambda v: v >= -1, "-1 (unlimited) or >= 0"),
+    "scale.num_to_keep": _AT_LEAST_1,
+    "eval.max_examples": _NON_NEGATIVE, "eval.batch_size": _AT_LEAST_1,
+    "eval.rerank_depth": _AT_LEAST_1,
+}
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -180,6 +213,9 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
             values[name] = from_dict(value or {}, kind, key)
             continue
         values[name] = _coerce(value, kind, key)
+        check = RANGES.get(key)
+        if check and not check[0](values[name]):
+            raise ConfigError(f"{key}={values[name]!r} is out of range: must be {check[1]}")
         choices = fields[name].metadata.get("choices")
         if choices and values[name] not in choices:
             shown = ", ".join(repr(c) if c == "" else c for c in choices)

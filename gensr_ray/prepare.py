@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gensr_ray import storage
 from gensr_ray.data.amazon import AmazonOptions, load_amazon
-from gensr_ray.data.contract import DataError
+from gensr_ray.data.contract import DataError, read_meta
 from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
 from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
@@ -125,13 +125,14 @@ def ensure_data(cfg):
         if not storage.exists(storage.join(cfg.data.path, "meta.json")):
             raise DataError(f"data.path {cfg.data.path} holds no prepared dataset (no "
                             "meta.json); run `gensr prepare --out` with that URI first")
-        return cfg
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    if not Path(cfg.data.path).exists():
-        if not cfg.data.prepare_if_missing:
-            raise DataError(f"data.path {cfg.data.path} does not exist; run `gensr prepare` "
-                            "first or set data.prepare_if_missing")
-        # seeded as `gensr prepare` seeds by default
-        prepare_dataset(DATASETS[cfg.data.prepare_if_missing](seed=DEFAULT_SEED),
-                        Path(cfg.data.path), WriteOptions(seed=DEFAULT_SEED))
+    else:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+        if not Path(cfg.data.path).exists():
+            if not cfg.data.prepare_if_missing:
+                raise DataError(f"data.path {cfg.data.path} does not exist; run `gensr "
+                                "prepare` first or set data.prepare_if_missing")
+            # seeded as `gensr prepare` seeds by default
+            prepare_dataset(DATASETS[cfg.data.prepare_if_missing](seed=DEFAULT_SEED),
+                            Path(cfg.data.path), WriteOptions(seed=DEFAULT_SEED))
+    read_meta(cfg.data.path)  # the schema this code reads, before any worker starts
     return cfg

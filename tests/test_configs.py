@@ -113,3 +113,28 @@ def test_the_choice_lists_are_what_the_modules_build():
 
     assert tuple(PROMPTS) == config.PROMPT_DESIGNS
     assert tuple(SUBSPACES) == config.SUBSPACES
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=-5", "train.max_steps=-5 is out of range: must be -1"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range: must be >= 1"),
+    ("train.lr=.nan", "train.lr=nan is out of range: must be > 0"),
+    ("train.lr=-1e-4", "train.lr=-0.0001 is out of range"),
+    ("scale.num_workers=-1", "scale.num_workers=-1 is out of range: must be >= 0"),
+    ("scale.zero_stage=4", "scale.zero_stage=4 is out of range: must be 0, 1, 2 or 3"),
+    ("loss.temperature=0", "loss.temperature=0.0 is out of range"),
+])
+def test_numeric_settings_are_range_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        apply_overrides(GenSRConfig(), [override])
+
+
+def test_every_range_names_a_real_setting_and_shipped_configs_are_in_range():
+    from gensr_ray.config import RANGES
+
+    data = GenSRConfig().to_dict()
+    for key in RANGES:
+        section, name = key.split(".")
+        assert name in data[section], key
+    for path in TRAINING_CONFIGS:
+        load_config(path)  # raises on a value out of range

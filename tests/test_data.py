@@ -343,3 +343,36 @@ def test_real_ml100k_from_the_recbole_wheel(tmp_path):
     assert counts["interactions"]["search"] + counts["interactions"]["rec"] == 55375
     assert counts["examples"]["test"]["rec"] > 900 and counts["examples"]["test"]["search"] > 800
     assert json.loads((out / "meta.json").read_text()) == meta
+
+
+def test_overwrite_only_replaces_a_dataset_and_never_a_file(tmp_path):
+    """`prepare --overwrite` replaced any directory: now only one that holds a dataset."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("months of work")
+    with pytest.raises(FileExistsError, match="holds no prepared dataset"):
+        write_dataset(_tiny_raw(), other, WriteOptions(overwrite=True))
+    assert (other / "thesis.tex").read_text() == "months of work"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        write_dataset(_tiny_raw(), a_file, WriteOptions(overwrite=True))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written
+
+
+def test_training_refuses_a_dataset_of_another_schema_before_starting(tmp_path, capsys):
+    """Training ignored meta.json's schema version; now `gensr train` stops at once."""
+    from gensr_ray.cli import main
+
+    out = tmp_path / "data"
+    write_dataset(_tiny_raw(), out)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "schema_version": 99}))
+    code = main(["train", "--config", str(Path(__file__).parent.parent / "configs" / "debug.yaml"),
+                 "--out", str(tmp_path / "run"), "--set", f"data.path={out}"])
+    assert code == 2 and "schema_version 99" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (out / "meta.json").write_text('{"schema_version": 1, "coun')  # truncated
+    code = main(["train", "--config", str(Path(__file__).parent.parent / "configs" / "debug.yaml"),
+                 "--out", str(tmp_path / "run"), "--set", f"data.path={out}"])
+    assert code == 2 and "meta.json: not readable JSON" in capsys.readouterr().err

@@ -112,3 +112,23 @@ def test_save_load_roundtrip(tmp_path):
 def test_load_missing_tables_says_what_to_run(tmp_path):
     with pytest.raises(DataError, match="gensr prepare"):
         load_cf(tmp_path / "cf" / "lightgcn.npz")
+
+
+def test_non_finite_tables_are_refused_naming_the_file_and_row(tmp_path):
+    """NaN tables trained with loss NaN, changed no weight and wrote a final checkpoint."""
+    rng = np.random.default_rng(0)
+    item_emb = rng.normal(size=(7, 4)).astype(np.float32)
+    item_emb[3, 1] = np.nan
+    path = tmp_path / "cf" / "lightgcn.npz"
+    save_cf(CFTables(user_emb=rng.normal(size=(5, 4)).astype(np.float32), item_emb=item_emb,
+                     config=LightGCNConfig(dim=4, epochs=3), losses=[0.7]), path)
+    with pytest.raises(DataError, match=r"lightgcn.npz: item_emb holds 1 non-finite values "
+                                        r"\(first in row 3\)"):
+        load_cf(path)
+
+
+def test_pretrain_cf_epochs_zero_is_an_error_not_the_default(capsys):
+    from gensr_ray.cli import main
+
+    assert main(["pretrain-cf", "--data", "nowhere", "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err

@@ -191,9 +191,16 @@ def load_cf(path: Path) -> CFTables:
             f"{path}: no LightGCN tables; run `gensr prepare` (it pretrains them) on this dataset"
         )
     with np.load(path, allow_pickle=False) as data:
-        return CFTables(
+        tables = CFTables(
             user_emb=data["user_emb"],
             item_emb=data["item_emb"],
             config=LightGCNConfig(**json.loads(str(data["config"]))),
             losses=data["losses"].tolist(),
         )
+    for name in ("user_emb", "item_emb"):
+        bad = ~np.isfinite(getattr(tables, name))
+        if bad.any():  # training on them gives loss NaN and never changes a weight
+            row = int(np.argwhere(bad)[0][0])
+            raise DataError(f"{path}: {name} holds {int(bad.sum())} non-finite values (first "
+                            f"in row {row}); run `gensr pretrain-cf` again")
+    return tables

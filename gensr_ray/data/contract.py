@@ -134,11 +134,15 @@ def example_shards(root: str | Path, split: str) -> list[str]:
     return [storage.join(root, "examples", split, name) for name in names]
 
 
-def read_meta(root: Path) -> dict:
-    path = Path(root) / "meta.json"
-    if not path.is_file():
+def read_meta(root: str | Path) -> dict:
+    """meta.json of a dataset (a directory or a URI), checked for the schema this code reads."""
+    path = storage.join(root, "meta.json")
+    if not storage.exists(path):
         raise DataError(f"{root}: not a prepared dataset (no meta.json); run `gensr prepare` first")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc}); prepare the dataset again") from None
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(
             f"{path}: schema_version {meta.get('schema_version')} but this gensr_ray reads "

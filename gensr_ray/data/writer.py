@@ -275,8 +275,14 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
     if opts.rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {opts.rows_per_shard}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not opts.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if not (out / "meta.json").is_file():  # --overwrite replaces a dataset, nothing else
+            raise FileExistsError(f"{out} holds no prepared dataset (no meta.json); "
+                                  "--overwrite only replaces one, so remove it yourself")
     validate(raw)
     user_raw = sorted(set(raw.user_ids))
     data = encode_interactions(raw, user_raw)
