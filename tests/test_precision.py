@@ -73,6 +73,18 @@ def _engine(cfg):
     return strategy, engine, backbone
 
 
+def _train(cfg, strategy, engine, batch, steps: int) -> tuple[list[float], dict]:
+    """`steps` optimizer steps on one batch; the losses and the last forward's output."""
+    losses = []
+    for _ in range(steps):
+        out = engine(batch)
+        loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(loss.item())
+    return losses, out
+
+
 class MatmulDtypes(TorchFunctionMode):
     """Records the floating dtypes entering every matrix product on the autograd path.
 
@@ -143,10 +155,7 @@ def test_bf16_export_is_the_fp32_master_copy(data, tmp_path):
     cfg = _config(data, **{"scale.precision": "bf16", "train.lr": 1e-3})
     strategy, engine, backbone = _engine(cfg)
     batch = _batch(cfg, backbone)
-    for _ in range(3):
-        loss, _ = gensr_loss(engine(batch), batch["label"], cfg.loss, cfg.model)
-        strategy.backward(loss)
-        strategy.step()
+    _train(cfg, strategy, engine, batch, 3)
     strategy.save(tmp_path, {"step": 3, "epoch": 0, "micro": 3})
     exported = torch.load(tmp_path / CHECKPOINT_MODEL / "trainable.pt", weights_only=True)
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / CHECKPOINT_STATE),
@@ -164,13 +173,8 @@ def test_fp16_trains_a_decoder_and_is_refused_for_t5(data):
     cfg = _config(data, **{"scale.precision": "fp16"})
     strategy, engine, backbone = _engine(cfg)
     batch = _batch(cfg, backbone)
-    losses = []
-    for _ in range(10):  # dynamic loss scaling may skip the first steps on overflow
-        out = engine(batch)
-        loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
-        strategy.backward(loss)
-        strategy.step()
-        losses.append(loss.item())
+    # dynamic loss scaling may skip the first steps on overflow
+    losses, out = _train(cfg, strategy, engine, batch, 10)
     assert out["logits"].dtype == torch.float16
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     t5 = _config(data, "tiny-t5", **{"scale.precision": "fp16"})
@@ -225,13 +229,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
 def test_gradient_checkpointing_trains_under_zero3(data):
     cfg = _config(data, **{"model.gradient_checkpointing": True, "scale.precision": "bf16"})
     strategy, engine, backbone = _engine(cfg)
-    batch = _batch(cfg, backbone)
-    losses = []
-    for _ in range(6):
-        loss, _ = gensr_loss(engine(batch), batch["label"], cfg.loss, cfg.model)
-        strategy.backward(loss)
-        strategy.step()
-        losses.append(loss.item())
+    losses, _ = _train(cfg, strategy, engine, _batch(cfg, backbone), 6)
     assert losses[-1] < losses[0], losses
 
 
@@ -302,10 +300,7 @@ def test_resume_loads_a_checkpoint_and_refuses_one_that_would_run_code(data, tmp
     cfg = _config(data, **{"scale.precision": "bf16"})
     strategy, engine, backbone = _engine(cfg)
     batch = _batch(cfg, backbone)
-    for _ in range(2):
-        loss, _ = gensr_loss(engine(batch), batch["label"], cfg.loss, cfg.model)
-        strategy.backward(loss)
-        strategy.step()
+    _train(cfg, strategy, engine, batch, 2)
     strategy.save(tmp_path, {"step": 2, "epoch": 0, "micro": 2})
     with torch.no_grad():
         expected = engine.module.eval()(batch)["logits"]
