@@ -82,6 +82,14 @@ def main() -> None:
           f"{shape['params'] / 1e6:.0f}M non-embedding params, "
           f"{shape['tokens_per_row']:.1f} backbone tokens/row", flush=True)
 
+    progress = {"gpu": gpu, "torch": torch.__version__,
+                "setup_s": round(time.perf_counter() - started, 1)}
+
+    def phase(**figures) -> None:  # what is known so far, kept if a time limit cuts the run
+        progress.update(figures)
+        (out / "gpu_check.json").write_text(json.dumps(progress, indent=2) + "\n")
+        print(json.dumps(figures), flush=True)
+
     # 1. train, checkpoint at the last step
     run = out / "run"
     t0 = time.perf_counter()
@@ -89,6 +97,8 @@ def main() -> None:
     train_wall = time.perf_counter() - t0
     rows = reports(cfg, run)
     speed = _throughput(rows, args.batch_size, shape)
+    phase(train_wall_s=round(train_wall, 1), loop_s=round(rows[-1]["elapsed_s"], 1), **speed,
+          input_wait_frac=[round(r.get("input_wait_frac", 0.0), 3) for r in rows])
     # 2. resume the same run with a larger budget: it must continue from the checkpoint
     t0 = time.perf_counter()
     resumed = run_training(apply_overrides(cfg, {"train.max_steps":
@@ -96,6 +106,7 @@ def main() -> None:
     resume_wall = time.perf_counter() - t0
     after = reports(cfg, run)[len(rows):]
     resumed_from = {r.get("resumed_from") for r in after}
+    phase(resume_wall_s=round(resume_wall, 1), resumed_from=sorted(resumed_from))
 
     # 3. score on the GPU (bf16) and, for a few examples, on the CPU (fp32)
     scoring = _score(resumed["checkpoint"], cfg, args.examples, args.cpu_examples,
@@ -103,7 +114,7 @@ def main() -> None:
 
     peak = peak_bf16_tflops(gpu)
     result = {
-        "gpu": gpu, "torch": torch.__version__, "steps": first["metrics"]["step"],
+        **progress, "steps": first["metrics"]["step"],
         "resumed_to": resumed["metrics"]["step"], "resumed_from": sorted(resumed_from),
         "loss_first": rows[0]["loss"], "loss_last": after[-1]["loss"],
         "train_wall_s": round(train_wall, 1), "resume_wall_s": round(resume_wall, 1),
@@ -126,7 +137,8 @@ def _throughput(rows: list[dict], batch_size: int, shape: dict) -> dict:
                      / (last["elapsed_s"] - first["elapsed_s"]))
     tokens_per_s = samples_per_s * shape["tokens_per_row"]
     # LoRA: forward 2N + activation gradients 2N FLOPs per token through frozen weights
-    return {"samples_per_s": round(samples_per_s, 1), "tokens_per_s": round(tokens_per_s),
+    return {"samples_per_s": round(samples_per_s, 1), "step_s": round(batch_size / samples_per_s, 3),
+            "tokens_per_s": round(tokens_per_s),
             "model_tflops": round(4 * shape["params"] * tokens_per_s / 1e12, 2)}
 
 

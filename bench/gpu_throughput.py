@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per GPU per step")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="per-GPU bf16 peak (default: looked up from the device name)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. --set scale.zero_stage=2 (repeatable)")
     args = parser.parse_args()
 
     import torch
@@ -43,17 +45,20 @@ def main() -> None:
         raise SystemExit(2)
     quiet()
     from gensr_ray.config import apply_overrides, load_config
-    from gensr_ray.train.launch import run_training
+    from gensr_ray.train.launch import ensure_ray, run_training
 
     gpus = args.gpus or torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     peak = args.peak_tflops or peak_bf16_tflops(name)
+    # no dashboard: a GPU image may carry ray without its `default` extra
+    ensure_ray(object_store_memory=4 << 30, include_dashboard=False)
     data = bench_data(None, n_users=2000, n_items=3000)
     cfg = apply_overrides(load_config(CONFIG), {
         "data.path": str(data), "model.backbone": "preset:random-qwen2-0.5b",
         "train.batch_size": args.batch_size, "train.max_steps": args.steps,
         "train.log_every": args.warmup, "train.checkpoint_every": 0, "train.warmup_steps": 1,
         "scale.num_workers": gpus, "scale.cpus_per_worker": 2.0})
+    cfg = apply_overrides(cfg, args.set)
     shape = backbone_shape(cfg)  # measured on the CPU once
 
     out = Path(tempfile.mkdtemp(prefix="gensr-gpu-bench-"))
@@ -71,7 +76,8 @@ def main() -> None:
     memory = max(r.get("gpu_mem_peak_gib", 0.0) for r in rows)
     print(f"{gpus} x {name}, {shape['params'] / 1e6:.0f}M non-embedding params, "
           f"{shape['tokens_per_row']:.0f} backbone tokens/row, batch {args.batch_size}/GPU, "
-          "ZeRO-3 bf16 LoRA")
+          f"ZeRO-{cfg.scale.zero_stage} {cfg.scale.precision} LoRA, "
+          f"{(last['elapsed_s'] - first['elapsed_s']) / (last['step'] - first['step']):.3f} s/step")
     print(f"samples/s {rows_per_s:.1f}  tokens/s {tokens_per_s:.0f}  "
           f"model TFLOP/s {flops / 1e12:.1f}  peak GPU memory {memory:.2f} GiB  "
           f"(run wall {wall:.0f}s)")

@@ -58,10 +58,16 @@ def _pretrain_cf(args: argparse.Namespace) -> None:
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
     from gensr_ray.data.contract import cf_path, read_meta
 
-    if args.epochs is not None and args.epochs < 1:
-        from gensr_ray.config import ConfigError
+    from gensr_ray.config import ConfigError
+    from gensr_ray.storage import is_uri
 
+    if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if is_uri(args.data):
+        raise ConfigError(f"pretrain-cf --data {args.data}: needs a local dataset directory; "
+                          "run `gensr prepare` with --out on object storage, which trains the "
+                          "tables before the upload")
+    args.data = Path(args.data)
     read_meta(args.data)
     config = LightGCNConfig(seed=args.seed,
                             **({"epochs": args.epochs} if args.epochs is not None else {}))
@@ -101,10 +107,17 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from gensr_ray.config import load_config
+    from gensr_ray.config import ConfigError, load_config
     from gensr_ray.prepare import ensure_data
+    from gensr_ray.storage import is_uri
     from gensr_ray.study import load_sweep, run_study
 
+    if is_uri(args.out):
+        # trials' checkpoints may live on object storage; the study's report is the driver's
+        raise ConfigError(f"tune --out {args.out}: the study directory is a local directory on "
+                          "the driver; put the trials' checkpoints on object storage with "
+                          "--set scale.storage_path=s3://BUCKET/PREFIX")
+    args.out = Path(args.out)
     sweep = load_sweep(args.sweep)
     cfg = ensure_data(load_config(args.config, args.set))
     study = run_study(cfg, sweep, args.out)
@@ -146,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("pretrain-cf", help="(re)train the LightGCN tables of a dataset")
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", required=True, help="a local dataset directory")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_pretrain_cf)
@@ -161,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="a Ray Tune ablation study over a sweep file")
     p.add_argument("--config", type=Path, required=True, help="base YAML config")
     p.add_argument("--sweep", type=Path, required=True, help="configs/sweeps/NAME.yaml")
-    p.add_argument("--out", type=Path, required=True, help="study directory (report.*)")
+    p.add_argument("--out", required=True,
+                   help="local study directory (report.*); checkpoints follow "
+                        "scale.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value (repeatable)")
     p.set_defaults(func=_tune)

@@ -132,3 +132,10 @@ def test_pretrain_cf_epochs_zero_is_an_error_not_the_default(capsys):
 
     assert main(["pretrain-cf", "--data", "nowhere", "--epochs", "0"]) == 2
     assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_pretrain_cf_on_a_uri_says_where_the_tables_are_trained(capsys):
+    from gensr_ray.cli import main
+
+    assert main(["pretrain-cf", "--data", "s3://bucket/data"]) == 2
+    assert "needs a local dataset directory" in capsys.readouterr().err

@@ -59,6 +59,9 @@ def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthe
     losses = [m["loss_answer"] for m in progress]
     assert losses[-1] < losses[0], losses  # the synthetic set is learnable
     assert summary["metrics"]["step"] == 16
+    # the first window waits for the dataset's first blocks; the share is a fraction
+    waits = [m["input_wait_frac"] for m in progress]
+    assert all(0.0 <= w <= 1.0 for w in waits) and waits[0] > 0.0, waits
 
     # every trainable parameter moved away from its (seeded) initial value, adapters non-empty
     initial, _ = build_model(cfg, resolve_config_backbone(cfg))

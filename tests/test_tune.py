@@ -46,3 +46,12 @@ def test_two_trial_sweep_on_the_debug_config_writes_a_report(ray_cluster, tmp_pa
     assert len(list(experiment.glob("*/events.out.tfevents.*"))) == 2  # TensorBoard
 
 
+
+
+def test_tune_out_on_object_storage_points_to_the_storage_setting(capsys):
+    from gensr_ray.cli import main
+
+    assert main(["tune", "--config", str(ROOT / "configs" / "debug.yaml"),
+                 "--sweep", str(ROOT / "configs" / "sweeps" / "prompts.yaml"),
+                 "--out", "s3://bucket/study"]) == 2
+    assert "scale.storage_path=s3://" in capsys.readouterr().err

@@ -33,13 +33,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     window: dict[str, float] = {}  # loss sums since the last report, per optimizer step
     window_steps, rows_seen, started, metrics = 0, 0, time.perf_counter(), {}
+    clock = _InputClock()  # how much of each report window was spent waiting for rows
     for epoch in range(first_epoch, cfg.train.epochs):
         micro = 0
         batches = shard.iter_batches(
             batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=None if cfg.data.shuffle_seed < 0 else 4 * cfg.train.batch_size,
             local_shuffle_seed=None if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed + epoch)
-        for rows in batches:
+        for rows in clock.timed(batches):
             micro += 1
             if epoch == first_epoch and micro <= skip:
                 continue  # resumed mid-epoch: these micro-batches were trained on already
@@ -61,6 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
             if log_now or save_now or last:
                 metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
                 metrics["resumed_from"] = resumed_from
+                metrics["input_wait_frac"] = clock.share()
                 window.clear()
                 window_steps = 0
                 state = {"step": step, "epoch": epoch, "micro": micro}
@@ -85,3 +87,27 @@ def _metrics(strategy: Strategy, window: dict, steps: int, step: int, epoch: int
     return {**averaged, **strategy.memory(), "step": step, "epoch": epoch, "lr": strategy.lr(),
             "elapsed_s": elapsed,  # since this worker's loop started (after set-up)
             "rows_per_s": strategy.world_size * rows / elapsed if elapsed else 0.0}
+
+
+class _InputClock:
+    """Time spent waiting for the next batch, as a share of the wall time since the last
+    report: near 1 means the input pipeline (reading, tokenizing) bounds training."""
+
+    def __init__(self):
+        self.waited, self.since = 0.0, time.perf_counter()
+
+    def timed(self, batches):
+        iterator = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            rows = next(iterator, None)
+            self.waited += time.perf_counter() - t0
+            if rows is None:
+                return
+            yield rows
+
+    def share(self) -> float:
+        now = time.perf_counter()
+        share = self.waited / (now - self.since) if now > self.since else 0.0
+        self.waited, self.since = 0.0, now
+        return share
