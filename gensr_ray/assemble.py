@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gensr_ray.checkpoint import TRAINABLE, model_dir, read_checkpoint_config
+from gensr_ray.checkpoint import load_trainable, read_checkpoint_config
 from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data import contract
 from gensr_ray.inputs.build import vocabulary_texts
@@ -54,7 +54,7 @@ def load_for_eval(checkpoint: str | Path, cfg: GenSRConfig | None = None):
     """(model in eval mode, backbone, config) rebuilt from a checkpoint on the CPU."""
     cfg = cfg or read_checkpoint_config(checkpoint)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
-    weights = torch.load(model_dir(checkpoint) / TRAINABLE, map_location="cpu", weights_only=True)
+    weights = load_trainable(checkpoint)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(weights))
     unexpected = sorted(set(weights) - expected)

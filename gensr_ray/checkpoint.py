@@ -6,11 +6,20 @@ rebuilds the model from it).
     <checkpoint>/model/config.yaml    the run's full config
     <checkpoint>/model/state.json     step, epoch and the metrics at save time
     <checkpoint>/deepspeed/           engine state for resuming (optimizer, scheduler, step)
+    <checkpoint>/manifest/rank-NNNNN.json   size and sha256 of every file rank NNNNN wrote
+
+A checkpoint is used (resumed from, evaluated) only when every rank's manifest is there and
+every file it lists has that size and hash: a truncated, missing or altered file makes the
+checkpoint incomplete, never a half-loaded model. Files are still read with weights-only
+loaders, so a checkpoint whose manifest was rewritten to match runs no code either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,11 +31,118 @@ from gensr_ray.config import GenSRConfig, from_dict
 
 TRAINABLE = "trainable.pt"
 SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
+MANIFESTS = "manifest"
+PREFIX = "checkpoint_"  # checkpoint directories in a run's storage, named by time (Ray's way)
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, incomplete, or holding what a safe loader
     refuses. The message names the file."""
+
+
+def checkpoint_name() -> str:
+    """A new checkpoint directory's name: sorts in time order, like Ray Train's own."""
+    now = time.time()
+    return f"{PREFIX}{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}"
+
+
+def write_manifest(directory: Path, rank: int, world_size: int) -> None:
+    """Record size and sha256 of every file in `directory` (what this rank wrote)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if not name.startswith(MANIFESTS + "/"):
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    atomic_write_text(directory / MANIFESTS / f"rank-{rank:05d}.json", json.dumps(
+        {"rank": rank, "world_size": world_size, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(directory: str | Path, hashes: bool = True) -> None:
+    """Raise CheckpointError unless every rank's manifest is there and every file matches.
+
+    `directory` is local, or a URI when `hashes` is False (sizes only: nothing downloaded)."""
+    manifests = storage.join(directory, MANIFESTS)
+    names = [n for n in _listing(manifests) if n.startswith("rank-")]
+    if not names:
+        raise CheckpointError(f"{directory}: no manifest (an interrupted save, or a checkpoint "
+                              "of an older gensr_ray)")
+    entries = [json.loads(storage.read_text(storage.join(manifests, n))) for n in names]
+    world = entries[0]["world_size"]
+    missing = sorted(set(range(world)) - {e["rank"] for e in entries})
+    if missing:
+        raise CheckpointError(f"{directory}: incomplete, no files of rank(s) {missing[:8]} "
+                              f"of {world}")
+    fs, root = storage.filesystem(directory)
+    for entry in entries:
+        for name, want in entry["files"].items():
+            info = fs.get_file_info(f"{root}/{name}")
+            if info.size != want["size"]:
+                found = "missing" if info.size is None else f"{info.size} bytes"
+                raise CheckpointError(f"{storage.join(directory, name)}: {found}, the manifest "
+                                      f"says {want['size']} bytes (truncated or lost)")
+            if hashes and _sha256(Path(root, name)) != want["sha256"]:
+                raise CheckpointError(f"{storage.join(directory, name)}: content differs from "
+                                      "the manifest's hash (altered or corrupted)")
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """The checkpoint directories (paths or URIs) of a run, newest first."""
+    names = sorted((n for n in _listing(run_dir) if n.startswith(PREFIX)), reverse=True)
+    return [storage.join(run_dir, n) for n in names]
+
+
+def remove_incomplete(run_dir: str) -> list[str]:
+    """Delete a run's checkpoints whose files are lost or cut short (a save that was
+    interrupted); the ones removed. Checkpoints without any manifest are left alone."""
+    removed = []
+    for path in checkpoints(run_dir):
+        try:
+            verify_checkpoint(path, hashes=False)
+        except CheckpointError as exc:
+            if "no manifest" in str(exc):
+                continue
+            fs, inner = storage.filesystem(path)
+            fs.delete_dir(inner)
+            log.warning("removed incomplete checkpoint %s: %s", path, exc)
+            removed.append(path)
+    return removed
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    """The model export's state.json: step, epoch, metrics, and the data it was trained on."""
+    return json.loads((model_dir(checkpoint) / "state.json").read_text())
+
+
+def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
+    """Refuse a checkpoint trained on another dataset or other LightGCN tables."""
+    if not recorded:
+        return  # a checkpoint that recorded no fingerprint
+    changed = [what for key, what in (("dataset", "the dataset (meta.json or its shards)"),
+                                      ("cf", "the LightGCN tables (cf/lightgcn.npz)"))
+               if recorded.get(key) != current.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"{where} was trained on other data: {' and '.join(changed)} changed since "
+            f"(fingerprint {recorded} now {current}); pass --allow-data-change (or set "
+            "data.allow_change) if you mean to use it on this data")
+
+
+def _listing(directory: str) -> list[str]:
+    import pyarrow.fs
+
+    fs, inner = storage.filesystem(directory)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    return [i.base_name for i in infos]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: GenSRConfig,
@@ -56,6 +172,28 @@ def model_dir(checkpoint: str | Path) -> Path:
         if storage.exists(storage.join(candidate, TRAINABLE)):
             return storage.local_dir(candidate)
     raise FileNotFoundError(f"{checkpoint}: not a gensr checkpoint (no model/{TRAINABLE})")
+
+
+def load_trainable(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a checkpoint's model export, checked against the checkpoint's
+    manifest when it lies beside the export, and read with the weights-only unpickler."""
+    export = model_dir(checkpoint)
+    manifest = export.parent / MANIFESTS / "rank-00000.json"
+    if export.name == "model" and manifest.is_file():
+        want = json.loads(manifest.read_text())["files"].get(f"model/{TRAINABLE}")
+        path = export / TRAINABLE
+        if want and (path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]):
+            raise CheckpointError(f"{path}: does not match the checkpoint's manifest "
+                                  "(truncated, altered or corrupted)")
+    import pickle
+
+    try:
+        return torch.load(export / TRAINABLE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated zip, foreign
+        # pickle: name the file, not torch's internals
+        reason = str(exc).split("\n")[0]
+        raise CheckpointError(f"{export / TRAINABLE}: cannot be read as weights ({reason})"
+                              ) from None
 
 
 def read_checkpoint_config(checkpoint: str | Path) -> GenSRConfig:

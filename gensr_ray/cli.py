@@ -84,13 +84,29 @@ def _eval(args: argparse.Namespace) -> None:
         raise SystemExit("gensr eval: nothing to evaluate; pass --checkpoint and/or --baselines")
     if not (args.checkpoint or args.data):
         raise SystemExit("gensr eval: --data is required with --baselines alone")
+    if args.out:
+        _check_writable(args.out)  # before the work, not after it
     started = time.perf_counter()
     results = evaluate_run(args.checkpoint, args.data, args.split, args.baselines,
-                           args.max_examples)
+                           args.max_examples, allow_data_change=args.allow_data_change)
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
         print(f"results written to {args.out} ({time.perf_counter() - started:.1f}s)")
+
+
+def _check_writable(path: Path) -> None:
+    import os
+
+    if path.is_dir():
+        raise FileExistsError(f"--out {path} is a directory; name the results file")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileExistsError(f"--out {path}: cannot create {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise FileExistsError(f"--out {path}: {parent} is not writable")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -100,7 +116,8 @@ def _train(args: argparse.Namespace) -> None:
     from gensr_ray.prepare import ensure_data
     from gensr_ray.train.launch import run_training
 
-    cfg = ensure_data(load_config(args.config, args.set))
+    overrides = args.set + (["data.allow_change=true"] if args.allow_data_change else [])
+    cfg = ensure_data(load_config(args.config, overrides))
     result = run_training(cfg, args.out)
     print(f"final metrics: {json.dumps(result['metrics'], default=float)}")
     print(f"final checkpoint: {result['checkpoint']}")
@@ -169,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory or URI (s3://, gs://)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume a run whose dataset or LightGCN tables changed since its "
+                        "checkpoint")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("tune", help="a Ray Tune ablation study over a sweep file")
@@ -193,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None,
                    help="seeded subset of examples per task (default: eval.max_examples)")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="evaluate a checkpoint on data other than it was trained on")
     p.set_defaults(func=_eval)
     return parser
 

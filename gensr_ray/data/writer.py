@@ -35,6 +35,7 @@ from gensr_ray.atomic import atomic_directory
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.sampling import sample_untouched
+from gensr_ray.data.validate import shard_counts
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
         _write_interactions(data, contract.interactions_dir(tmp), opts.rows_per_shard)
         example_counts = _write_examples(data, len(raw.item_ids), tmp, opts)
         meta = _meta(raw, opts, len(user_raw), data, example_counts)
+        meta["shards"] = shard_counts(tmp)  # checked before training and evaluation
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(raw, meta))
         if after_build is not None:

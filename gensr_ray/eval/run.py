@@ -6,21 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from gensr_ray.assemble import load_for_eval
-from gensr_ray.checkpoint import read_checkpoint_config
+from gensr_ray.checkpoint import check_same_data, read_checkpoint_config, read_state
 from gensr_ray.config import GenSRConfig
-from gensr_ray.data.contract import local_root, read_meta
+from gensr_ray.data.contract import local_root
+from gensr_ray.data.validate import validate_dataset
 from gensr_ray.eval.gensr_scorer import build_gensr_scorer
 from gensr_ray.eval.harness import build_baselines, evaluate
 
 
 def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None = None,
                  split: str | None = None, with_baselines: bool = False,
-                 max_examples: int | None = None, cfg: GenSRConfig | None = None) -> dict:
+                 max_examples: int | None = None, cfg: GenSRConfig | None = None,
+                 allow_data_change: bool = False) -> dict:
     """The harness's results for GenSR from `checkpoint` (if given) and, with
     `with_baselines`, every baseline, side by side on the same examples.
 
     `cfg` defaults to the checkpoint's own config; `data` to its dataset; `split` to its
-    eval.split (test without a checkpoint); `max_examples` to its eval.max_examples.
+    eval.split (test without a checkpoint); `max_examples` to its eval.max_examples. A
+    checkpoint trained on other data than `data` is refused unless `allow_data_change` (or
+    the config's data.allow_change).
     """
     if checkpoint is None and not with_baselines:
         raise ValueError("nothing to evaluate: give a checkpoint and/or with_baselines")
@@ -29,8 +33,11 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
     data = data or (cfg.data.path if cfg else None)
     if data is None:
         raise ValueError("the dataset is required to evaluate the baselines alone")
+    fingerprint = validate_dataset(data)  # the whole contract, before any work
+    if checkpoint is not None and not (allow_data_change or cfg.data.allow_change):
+        check_same_data(read_state(checkpoint).get("data"), fingerprint,
+                        f"checkpoint {checkpoint}")
     data = local_root(data)  # this node's copy of a dataset given as a URI
-    read_meta(data)
     baselines = build_baselines(data)
     scorers = dict(baselines) if with_baselines else {}
     seed = 0

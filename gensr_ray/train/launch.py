@@ -6,17 +6,24 @@ gensr_ray.train.loop; the worker side of distribution is gensr_ray.train.strateg
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
-import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from gensr_ray import storage
 from gensr_ray.assemble import resolve_config_backbone
-from gensr_ray.checkpoint import SUMMARY
-from gensr_ray.config import GenSRConfig
+from gensr_ray.checkpoint import SUMMARY, CheckpointError, remove_incomplete
+from gensr_ray.config import ConfigError, GenSRConfig
+from gensr_ray.data.contract import DataError
+from gensr_ray.data.validate import validate_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
@@ -30,6 +37,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     dashboard's dependencies (ray without the `default` extra)."""
     import ray
 
+    global _LOCAL_CLUSTER
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -41,6 +49,11 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
              include_dashboard=include_dashboard, _temp_dir=temp_dir, log_to_driver=True,
              _node_ip_address="127.0.0.1")
+    _LOCAL_CLUSTER = True
+
+
+_LOCAL_CLUSTER = False  # this process started the cluster: it will not grow
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,30 @@ def _metrics_log_callback(path: str):
     return MetricsLog()
 
 
-def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None):
+def check_resources(cfg: GenSRConfig) -> None:
+    """Refuse a worker group this machine's cluster can never hold (it would wait forever);
+    on a cluster that may grow (an autoscaler), say what is waited for."""
+    import ray
+
+    s = cfg.scale
+    if s.num_workers == 0:
+        return
+    need = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+    if not short:
+        return
+    message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker}"
+               f"{' + 1 GPU each' if s.use_gpu else ''} needs "
+               + ", ".join(f"{v:g} {k}" for k, v in short.items())
+               + "; the cluster has " + ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
+    if _LOCAL_CLUSTER:
+        raise ConfigError(message + ": lower scale.num_workers or scale.cpus_per_worker")
+    log.warning("%s: waiting for the cluster to grow (autoscaler)", message)
+
+
+def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
+        data: dict | None = None):
     """Run the training job with Ray Train; returns the ray.train.Result.
 
     The driver loads the backbone's tokenizer for the Ray Data tasks; each worker
@@ -116,6 +152,7 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray()
+    check_resources(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     backbone_dir = resolve_config_backbone(cfg)
     tokenizer, kind = load_tokenizer(backbone_dir), backbone_kind(backbone_dir)
@@ -126,7 +163,7 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None):
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the config object crosses the Ray boundary as it is (pickled), never as a dict
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "run_dir": where.run_dir, "data": data},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources,
@@ -167,23 +204,70 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
     where = run_location(cfg, out)
     if not storage.is_uri(where.out):
         Path(where.out).mkdir(parents=True, exist_ok=True)
-    result = fit(cfg, where, callbacks=callbacks)
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training reported no checkpoint")
-    # Ray reports (filesystem, path without scheme): name it as a URI evaluation can open
-    checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)
-    if cfg.scale.num_workers == 0 and not storage.is_uri(where.out):
-        # local mode keeps the checkpoint in a temporary dir
-        final = Path(where.out) / "checkpoint_final"
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.move(checkpoint, final)
-        checkpoint = str(final)
-    summary = {"checkpoint": _relative_to(checkpoint, where.out), "metrics": result.metrics}
-    storage.write_text(storage.join(where.out, SUMMARY),
-                       json.dumps(summary, indent=2, default=float) + "\n")
+    with run_lock(where.out):
+        data = validate_dataset(cfg.data.path)  # before any worker starts
+        remove_incomplete(where.run_dir)  # saves cut short by a crash; resume skips them too
+        result = fit(cfg, where, callbacks=callbacks, data=data)
+        if result.error is not None:
+            raise _user_error(result.error) or RuntimeError(
+                f"training failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        # Ray reports (filesystem, path without scheme): name it as a URI evaluation can open
+        checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)
+        summary = {"checkpoint": _relative_to(checkpoint, where.out), "metrics": result.metrics}
+        storage.write_text(storage.join(where.out, SUMMARY),
+                           json.dumps(summary, indent=2, default=float) + "\n")
     return {**summary, "checkpoint": checkpoint}
+
+
+def _user_error(error: BaseException) -> Exception | None:
+    """The bad-input error (data, config, checkpoint) a worker raised, as this process's own
+    exception: the CLI prints its one line instead of Ray's traceback of the worker group."""
+    seen, pending = set(), [error]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        for kind in (DataError, ConfigError, CheckpointError):
+            if isinstance(exc, kind):
+                message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+                return kind(message.strip().splitlines()[-1] if "Traceback" in message
+                            else message)
+        pending += [exc.__cause__, getattr(exc, "cause", None),
+                    *getattr(exc, "worker_failures", {}).values()]
+    return None
+
+
+@contextmanager
+def run_lock(out: str) -> Iterator[None]:
+    """One `gensr train` per --out at a time. The lock is an flock on a file in --out (for a
+    URI, in this machine's cache: it guards against runs started from the same machine); the
+    OS releases it when its process dies, so a crashed run leaves no stale lock behind."""
+    if storage.is_uri(out):
+        path = storage.cache_root() / "locks" / (hashlib.sha256(out.encode()).hexdigest()[:16]
+                                                 + ".lock")
+    else:
+        path = Path(out) / ".gensr-train.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{out} is in use by another `gensr train` ({holder}); wait for "
+                              "it to finish or choose another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _relative_to(path: str, out: str) -> str:

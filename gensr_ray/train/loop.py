@@ -17,13 +17,14 @@ from gensr_ray.train.strategy import Strategy
 
 def train_loop_per_worker(config: dict) -> None:
     cfg: GenSRConfig = config["cfg"]
-    strategy = Strategy(cfg)
+    data = config.get("data")  # the dataset's fingerprint: every checkpoint records it
+    strategy = Strategy(cfg, run_dir=config.get("run_dir"))
 
     # this node's copy of the backbone (presets built, URIs mirrored, once per node)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     _, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     engine = strategy.prepare(model)
-    state = strategy.restore() or {"step": 0, "epoch": 0, "micro": 0}
+    state = strategy.restore(data) or {"step": 0, "epoch": 0, "micro": 0}
     step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
     resumed_from = step  # 0 for a fresh run; reported so restarts are visible in the metrics
     shard = strategy.dataset_shard("train")
@@ -65,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["input_wait_frac"] = clock.share()
                 window.clear()
                 window_steps = 0
-                state = {"step": step, "epoch": epoch, "micro": micro}
+                state = {"step": step, "epoch": epoch, "micro": micro, "data": data}
                 strategy.report(metrics, state if (save_now or last) else None)
             if last:
                 return
@@ -76,7 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
             window.clear()
             window_steps = 0
         strategy.report({**metrics, "epoch": epoch + 1},
-                        {"step": step, "epoch": epoch + 1, "micro": 0})
+                        {"step": step, "epoch": epoch + 1, "micro": 0, "data": data})
 
 
 def _metrics(strategy: Strategy, window: dict, steps: int, step: int, epoch: int, rows: int,

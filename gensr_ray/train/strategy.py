@@ -17,7 +17,16 @@ from pathlib import Path
 
 import torch
 
-from gensr_ray.checkpoint import CheckpointError, write_model_export
+from gensr_ray import storage
+from gensr_ray.checkpoint import (
+    CheckpointError,
+    check_same_data,
+    checkpoint_name,
+    checkpoints,
+    verify_checkpoint,
+    write_manifest,
+    write_model_export,
+)
 from gensr_ray.config import GenSRConfig
 
 log = logging.getLogger(__name__)
@@ -106,10 +115,12 @@ class Strategy:
     """The worker's view of the job: rank, data shard, DeepSpeed engine, checkpoints.
 
     `context` defaults to Ray Train's (inside train_loop_per_worker); reporting and the data
-    shard need it, the engine and saving do not."""
+    shard need it, the engine and saving do not. `run_dir` is the run's checkpoint storage
+    (a path or URI): resuming looks there for the newest intact checkpoint."""
 
-    def __init__(self, cfg: GenSRConfig, context=None):
+    def __init__(self, cfg: GenSRConfig, context=None, run_dir: str | None = None):
         self.cfg = cfg
+        self.run_dir = run_dir
         configure_accelerator(cfg.scale.use_gpu)
         _quiet()
         if context is None:
@@ -216,13 +227,34 @@ class Strategy:
             ray.train.report(metrics)
             return
         tmp = Path(tempfile.mkdtemp(prefix="gensr-ckpt-"))
+        local = _local_mode(self.context)
         try:
             self.save(tmp, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if local:
+                # Ray Train's local mode keeps no checkpoints: persist it like a worker group
+                # would, so the same --out resumes in either mode
+                checkpoint = self._persist_local(tmp)
+            else:
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
         finally:
-            # Ray has copied it to storage; local mode keeps pointing at it (the driver moves it)
-            if not _local_mode(self.context):
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # Ray has copied it to storage
+
+    def _persist_local(self, tmp: Path):
+        import pyarrow.fs
+        import ray.train
+
+        if not self.run_dir:
+            raise ValueError("local mode needs the run's storage (Strategy(run_dir=...))")
+        target = storage.join(self.run_dir, checkpoint_name())
+        fs, inner = storage.filesystem(target)
+        fs.create_dir(inner, recursive=True)
+        pyarrow.fs.copy_files(str(tmp), inner, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+        for old in checkpoints(self.run_dir)[self.cfg.scale.num_to_keep:]:
+            old_fs, old_inner = storage.filesystem(old)
+            old_fs.delete_dir(old_inner)
+        return ray.train.Checkpoint(path=inner, filesystem=fs)
 
     def save(self, directory: Path, state: dict) -> None:
         """DeepSpeed state (every rank its partition) + gathered trainable weights (rank 0)."""
@@ -248,19 +280,46 @@ class Strategy:
                     weights[name] = param.detach().to("cpu", torch.float32, copy=True)
         if self.is_rank_0:
             write_model_export(directory / CHECKPOINT_MODEL, weights, self.cfg, state)
+        write_manifest(directory, self.rank, self.world_size)  # last: what this rank wrote
 
-    def restore(self) -> dict | None:
-        """Load the latest Ray Train checkpoint into the engine; its client state or None."""
+    def restore(self, data: dict | None = None) -> dict | None:
+        """Load the newest intact checkpoint of the run into the engine; its client state, or
+        None when the run has none. `data` is the dataset's fingerprint: a checkpoint trained
+        on other data is refused unless data.allow_change.
+
+        Candidates are every checkpoint directory in the run's storage, newest first (one
+        written before a crash but never registered with Ray included), then Ray's latest.
+        One whose files do not match its manifest is skipped with a warning; every rank sees
+        the same files, so every rank picks the same checkpoint."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            state = self.load(Path(directory))
-        log.info("rank %d resumed from %s at step %s", self.rank, checkpoint.path,
-                 state.get("step"))
-        return state
+        candidates = []
+        if self.run_dir:
+            fs, _ = storage.filesystem(self.run_dir)
+            candidates = [ray.train.Checkpoint(path=storage.filesystem(c)[1], filesystem=fs)
+                          for c in checkpoints(self.run_dir)]
+        latest = ray.train.get_checkpoint()
+        if latest is not None and not any(c.path == latest.path for c in candidates):
+            candidates.append(latest)
+        skipped = []
+        for checkpoint in candidates:
+            with checkpoint.as_directory() as directory:
+                try:
+                    verify_checkpoint(directory)
+                except CheckpointError as exc:
+                    log.warning("rank %d: skipping checkpoint: %s", self.rank, exc)
+                    skipped.append(str(exc))
+                    continue
+                state = self.load(Path(directory))
+            if not self.cfg.data.allow_change:
+                check_same_data(state.get("data"), data or {}, f"checkpoint {checkpoint.path}")
+            log.info("rank %d resumed from %s at step %s", self.rank, checkpoint.path,
+                        state.get("step"))
+            return state
+        if skipped:
+            raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from ("
+                                  + "; ".join(skipped[:3]) + ")")
+        return None
 
     def load(self, directory: Path) -> dict:
         """Load a checkpoint directory's DeepSpeed state into the engine; its client state.
