@@ -13,10 +13,10 @@ from pathlib import Path
 from gensr_ray import storage
 from gensr_ray.data.amazon import AmazonOptions, load_amazon
 from gensr_ray.data.contract import DataError
-from gensr_ray.data.validate import validate_dataset
 from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
 from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.validate import validate_dataset
 from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
 
 LoaderOptions = MovieLensOptions | SyntheticOptions | AmazonOptions | KuaiSAROptions
