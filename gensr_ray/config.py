@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,8 @@ class ModelConfig:
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
-    lora_targets: list = _f(["q_proj", "v_proj"], "module names LoRA wraps (T5: q, v)")
+    # _f gives a list default its own default_factory, which ruff cannot see
+    lora_targets: list = _f(["q_proj", "v_proj"], "module names LoRA wraps (T5: q, v)")  # noqa: RUF009
     cf_dim: int = _f(64, "LightGCN embedding width")
     cf_heads: int = _f(2, "heads of the 1-layer CF history transformer")
     sem_heads: int = _f(2, "heads of the 1-layer semantic history transformer")
@@ -247,13 +249,50 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> GenSRConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         return apply_overrides(from_dict(data), overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The plain data of a YAML file (yaml.safe_load). ConfigError, naming the file and the
+    line, for text that is not YAML and for tags such as `!!python/object` (safe_load builds
+    no Python objects; config and sweep files hold mappings, lists and scalars only)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_problem(exc, text)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """`line N: what is wrong` for a PyYAML error, without its traceback-style excerpt."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text[:exc.position].count("\n") + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1])
+        return f"line {line}: not valid YAML: character #x{char:04x} is not allowed"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if tag:
+        name = re.sub(r"^tag:yaml\.org,2002:", "!!", tag.group(1))
+        return (f"{where}the tag {name} is not allowed: only plain values (mappings, lists, "
+                "strings, numbers, booleans), no Python objects")
+    context = getattr(exc, "context", None)
+    if context and getattr(exc, "context_mark", None) and mark is not exc.context_mark:
+        problem += f" ({context} from line {exc.context_mark.line + 1})"
+    return f"{where}not valid YAML: {problem}"
 
 
 def apply_overrides(config: GenSRConfig, overrides: list[str] | dict) -> GenSRConfig:
@@ -277,4 +316,8 @@ def _split(override: str) -> tuple[str, Any]:
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected key.path=value")
     key, raw = override.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = _yaml_problem(exc, raw).removeprefix("line 1: ")
+        raise ConfigError(f"override {override!r}: {problem}") from None

@@ -22,9 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, read_yaml
 
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
 
@@ -41,7 +39,9 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     unknown = set(data) - {"metric", "mode", "trials"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: metric, mode, trials")
@@ -51,9 +51,12 @@ def load_sweep(path: str | Path) -> Sweep:
     if data.get("mode", "max") not in ("max", "min"):
         raise ConfigError(f"{path}: mode must be max or min")
     metric = data.get("metric", "mean/sampled/NDCG@10")
-    if len(metric.split("/")) != 3:
+    if not isinstance(metric, str) or len(metric.split("/")) != 3:
         raise ConfigError(f"{path}: metric {metric!r} must look like task/protocol/metric")
     for name, overrides in trials.items():
+        if not isinstance(overrides or {}, dict):
+            raise ConfigError(f"{path}: trial {name!r}: expected a mapping of overrides, got "
+                              f"{overrides!r}")
         try:
             apply_overrides(GenSRConfig(), dict(overrides or {}))
         except ConfigError as exc:

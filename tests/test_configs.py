@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from gensr_ray.cli import main as gensr
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, load_config
 from gensr_ray.inputs.prompts import PROMPTS
 from gensr_ray.model.gensr import SUBSPACES
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 TRAINING_CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
+DEBUG_CONFIG = Path(__file__).parent.parent / "configs" / "debug.yaml"
 
 
 def test_configs_are_found_in_subfolders_too():
@@ -138,3 +140,58 @@ def test_every_range_names_a_real_setting_and_shipped_configs_are_in_range():
         assert name in data[section], key
     for path in TRAINING_CONFIGS:
         load_config(path)  # raises on a value out of range
+
+
+# a file that is not YAML, or asks for a Python object: one line naming the file and the line
+BAD_YAML = {
+    "indent": ("train:\n  lr: 0.001\n batch_size: 2\n", "line 3: not valid YAML"),
+    "unclosed": ("model: {prompt: authors\ntrain:\n  lr: 1\n", "line 2: not valid YAML"),
+    "tab": ("train:\n\tlr: 1\n", "line 2: not valid YAML: found character '\\t'"),
+    "python_tag": ("train:\n  lr: !!python/object/apply:os.system ['touch PWNED']\n",
+                   "line 2: the tag !!python/object/apply:os.system is not allowed"),
+}
+
+
+def _one_line_error(capsys, path: Path, message: str) -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path}: {message}" in err, err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_YAML))
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_file_and_line(tmp_path, capsys,
+                                                                          monkeypatch, case):
+    text, message = BAD_YAML[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    monkeypatch.chdir(tmp_path)  # where `touch PWNED` would have run
+    code = gensr(["train", "--config", str(bad), "--out", str(tmp_path / "run")])
+    assert code == 2
+    _one_line_error(capsys, bad, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.parametrize("case", [*sorted(BAD_YAML), "top_level_list", "trial_not_a_mapping"])
+def test_a_sweep_file_that_is_not_yaml_is_one_line_naming_file_and_line(tmp_path, capsys, case):
+    text, message = {
+        **BAD_YAML,
+        "top_level_list": ("- metric: mean/sampled/NDCG@10\n", "expected a mapping"),
+        "trial_not_a_mapping": ("trials:\n  a: [model.prompt, minimal]\n",
+                                "trial 'a': expected a mapping of overrides"),
+    }[case]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    code = gensr(["tune", "--config", str(DEBUG_CONFIG), "--sweep", str(sweep),
+                  "--out", str(tmp_path / "study")])
+    assert code == 2
+    _one_line_error(capsys, sweep, message)
+    assert not (tmp_path / "study").exists()
+
+
+def test_an_override_that_is_not_yaml_is_a_config_error(tmp_path, capsys):
+    code = gensr(["train", "--config", str(DEBUG_CONFIG), "--out", str(tmp_path / "run"),
+                  "--set", "model.lora_targets=[q, v"])
+    err = capsys.readouterr().err
+    assert code == 2 and "override 'model.lora_targets=[q, v': not valid YAML" in err, err
+    with pytest.raises(ConfigError, match="the tag !!python/name:os.system is not allowed"):
+        apply_overrides(GenSRConfig(), ["train.lr=!!python/name:os.system"])

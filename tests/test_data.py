@@ -376,3 +376,23 @@ def test_training_refuses_a_dataset_of_another_schema_before_starting(tmp_path, 
     code = main(["train", "--config", str(Path(__file__).parent.parent / "configs" / "debug.yaml"),
                  "--out", str(tmp_path / "run"), "--set", f"data.path={out}"])
     assert code == 2 and "meta.json: not readable JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"schema_version": 1, "coun', "not readable JSON"),  # cut short by a copy or upload
+    (b"", "not readable JSON"),
+    (b"schema_version: 1\n", "not readable JSON"),  # YAML, not JSON
+    (b"\xff\xfe\x00garbage", "not readable JSON"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+])
+def test_a_broken_meta_json_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    out = tmp_path / "data"
+    write_dataset(_tiny_raw(), out)
+    (out / "meta.json").write_bytes(content)
+    with pytest.raises(DataError, match=f"{out / 'meta.json'}: {message}"):
+        contract.read_meta(out)
+    assert gensr(["pretrain-cf", "--data", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"gensr pretrain-cf: error: {out / 'meta.json'}: {message}" in err
+    assert not contract.cf_path(out).exists()

@@ -142,7 +142,14 @@ def read_meta(root: str | Path) -> dict:
     try:
         meta = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # a truncated file (a copy or upload cut short) lands here
         raise DataError(f"{path}: not readable JSON ({exc}); prepare the dataset again") from None
+    except OSError as exc:  # a directory, no permission
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); prepare the dataset "
+                        "again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}; prepare "
+                        "the dataset again")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(
             f"{path}: schema_version {meta.get('schema_version')} but this gensr_ray reads "
