@@ -89,15 +89,22 @@ def verify_checkpoint(directory: str | Path, hashes: bool = True) -> None:
 
 def checkpoints(run_dir: str) -> list[str]:
     """The checkpoint directories (paths or URIs) of a run, newest first."""
-    names = sorted((n for n in _listing(run_dir) if n.startswith(PREFIX)), reverse=True)
+    names = sorted((n for n in _listing(run_dir, directories=True) if n.startswith(PREFIX)),
+                   reverse=True)
     return [storage.join(run_dir, n) for n in names]
 
 
 def remove_incomplete(run_dir: str) -> list[str]:
-    """Delete a run's checkpoints whose files are lost or cut short (a save that was
-    interrupted); the ones removed. Checkpoints without any manifest are left alone."""
+    """Delete the checkpoints of a run that a crash cut short before Ray registered them
+    (files lost or shorter than their manifest says); the ones removed. Registered ones
+    (named in Ray's run snapshot, which must keep pointing at existing directories) and
+    ones without any manifest are left; resuming skips every damaged one."""
+    registered = "".join(storage.read_text(storage.join(run_dir, n))
+                         for n in _listing(run_dir) if n.endswith(".json"))
     removed = []
     for path in checkpoints(run_dir):
+        if path.rsplit("/", 1)[-1] in registered:
+            continue
         try:
             verify_checkpoint(path, hashes=False)
         except CheckpointError as exc:
@@ -129,12 +136,13 @@ def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
             "data.allow_change) if you mean to use it on this data")
 
 
-def _listing(directory: str) -> list[str]:
+def _listing(directory: str, directories: bool = False) -> list[str]:
     import pyarrow.fs
 
     fs, inner = storage.filesystem(directory)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    return [i.base_name for i in infos]
+    return [i.base_name for i in infos
+            if not directories or i.type == pyarrow.fs.FileType.Directory]
 
 
 def _sha256(path: Path) -> str:

@@ -40,7 +40,7 @@ def fingerprint(root) -> dict[str, str]:
     """{"dataset": ..., "cf": ...}: hex digests of what a model trained on this data saw."""
     digest = hashlib.sha256(storage.read_text(storage.join(root, "meta.json")).encode())
     for table in TABLES:
-        for name, size in _shards(root, table):
+        for name, size, _ in _shards(root, table):
             digest.update(f"{table}/{name}:{size}\n".encode())
     cf = hashlib.sha256()
     path = storage.join(root, CF_FILE)
@@ -56,8 +56,10 @@ def validate_dataset(root) -> dict[str, str]:
     """Check the dataset at `root` (a directory or a URI); its fingerprint. Raises DataError."""
     meta = contract.read_meta(root)
     found = fingerprint(root)
+    # a shard rewritten in place at the same size keeps the fingerprint; not its mtime
+    stamps = [_shards(root, table) for table in TABLES]
     done = storage.cache_root() / "validated" / (
-        hashlib.sha256(f"{storage.absolute(root)}|{found}".encode()).hexdigest()[:24])
+        hashlib.sha256(f"{storage.absolute(root)}|{found}|{stamps}".encode()).hexdigest()[:24])
     if done.exists():
         return found
     expected = meta.get("shards")
@@ -69,7 +71,7 @@ def validate_dataset(root) -> dict[str, str]:
                     f"{expected[table]}; a shard was added or lost, prepare the dataset again")
     n_users, n_items = meta["counts"]["users"], meta["counts"]["items"]
     for split in contract.SPLITS:
-        for name, _ in _shards(root, f"examples/{split}"):
+        for name, _, _ in _shards(root, f"examples/{split}"):
             _check_examples(storage.join(root, "examples", split, name), n_users, n_items)
     _check_cf(storage.join(root, CF_FILE), n_users, n_items)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +146,9 @@ def _fail(path: str, column: str, mask, what: str) -> None:
         raise contract.DataError(f"{path}: row {row}, column {column} {what}")
 
 
-def _shards(root, table: str) -> list[tuple[str, int]]:
-    """(name, size) of each part-*.parquet shard of a table, in order."""
+def _shards(root, table: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of each part-*.parquet shard of a table, in order."""
     fs, inner = storage.filesystem(storage.join(root, *table.split("/")))
     infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    return sorted((i.base_name, i.size) for i in infos
+    return sorted((i.base_name, i.size, i.mtime_ns or 0) for i in infos
                   if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))

@@ -207,7 +207,10 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
     with run_lock(where.out):
         data = validate_dataset(cfg.data.path)  # before any worker starts
         remove_incomplete(where.run_dir)  # saves cut short by a crash; resume skips them too
-        result = fit(cfg, where, callbacks=callbacks, data=data)
+        try:
+            result = fit(cfg, where, callbacks=callbacks, data=data)
+        except Exception as exc:  # Ray raises a worker's error wrapped in its own
+            raise _user_error(exc) or exc from exc
         if result.error is not None:
             raise _user_error(result.error) or RuntimeError(
                 f"training failed: {result.error}") from result.error
@@ -230,13 +233,14 @@ def _user_error(error: BaseException) -> Exception | None:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # a RayTaskError: the exception the task raised
+        if isinstance(cause, BaseException) and cause is not exc:
+            pending.append(cause)
+            continue
         for kind in (DataError, ConfigError, CheckpointError):
             if isinstance(exc, kind):
-                message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-                return kind(message.strip().splitlines()[-1] if "Traceback" in message
-                            else message)
-        pending += [exc.__cause__, getattr(exc, "cause", None),
-                    *getattr(exc, "worker_failures", {}).values()]
+                return kind(*exc.args)
+        pending += [exc.__cause__, *getattr(exc, "worker_failures", {}).values()]
     return None
 
 

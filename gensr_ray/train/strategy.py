@@ -150,6 +150,13 @@ class Strategy:
             os.environ.setdefault("WORLD_SIZE", "1")
             dist.init_process_group("nccl" if self.cfg.scale.use_gpu else "gloo",
                                     rank=0, world_size=1)
+            # local mode destroys its group at the end of a run; DeepSpeed keeps the groups
+            # it derived from the last one, which a second run in this process must not use
+            from deepspeed.utils import groups
+
+            for name, value in list(vars(groups).items()):
+                if name.endswith("_GROUP") and isinstance(value, dist.ProcessGroup):
+                    setattr(groups, name, None)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         if self.cfg.scale.use_gpu:
             torch.cuda.set_device(self.context.get_local_rank())

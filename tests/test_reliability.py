@@ -1,0 +1,204 @@
+"""Bad data, damaged checkpoints, changed tables and concurrent runs, on the real pipeline:
+each ends in one clear error, or in the work kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gensr_ray.checkpoint import CheckpointError, checkpoints
+from gensr_ray.cli import main
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
+from gensr_ray.data import contract
+from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.validate import validate_dataset
+from gensr_ray.data.writer import WriteOptions, write_dataset
+from gensr_ray.train.launch import run_location, run_lock, run_training
+
+
+def _with_cf(tmp: Path, seed: int = 0) -> None:
+    from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
+
+    save_cf(train_lightgcn(tmp, LightGCNConfig(epochs=5, seed=seed)), contract.cf_path(tmp))
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    out = tmp_path / "data"
+    write_dataset(generate_synthetic(SyntheticOptions(seed=1, n_users=40, n_items=150,
+                                                      events_per_user=10)),
+                  out, WriteOptions(rows_per_shard=100), after_build=_with_cf)
+    return out
+
+
+def _rewrite(shard: Path, column: str, row: int, value) -> None:
+    table = pq.read_table(shard)
+    values = table[column].to_pylist()
+    values[row] = value
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, column, pa.array(values, table.schema.field(column).type))
+    pq.write_table(table, shard)
+
+
+# -- the data contract --------------------------------------------------------------------
+
+def test_an_item_id_out_of_range_names_file_row_and_column(dataset):
+    shard = contract.shard_files(contract.examples_dir(dataset, "train"))[1]
+    history = pq.read_table(shard)["history"][3].as_py()
+    _rewrite(shard, "history", 3, [*history[:-1], -1])
+    with pytest.raises(contract.DataError, match=rf"{shard}: row 3, column history: item id -1 "
+                                                 r"outside 0\.\.149"):
+        validate_dataset(dataset)
+
+
+def test_a_null_target_and_a_user_out_of_range_are_refused(dataset):
+    shard = contract.shard_files(contract.examples_dir(dataset, "test"))[0]
+    _rewrite(shard, "target", 5, None)
+    with pytest.raises(contract.DataError, match=rf"{shard}: row 5, column target is null"):
+        validate_dataset(dataset)
+    _rewrite(shard, "target", 5, 0)
+    _rewrite(shard, "user_id", 0, 40)
+    with pytest.raises(contract.DataError, match=r"row 0, column user_id: user id 40 outside"):
+        validate_dataset(dataset)
+
+
+def test_a_lost_training_shard_is_refused_and_training_never_starts(dataset, capsys):
+    shards = contract.shard_files(contract.examples_dir(dataset, "train"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    code = main(["train", "--config", str(Path(__file__).parent.parent / "configs" / "debug.yaml"),
+                 "--out", str(dataset.parent / "run"), "--set", f"data.path={dataset}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{dataset / 'examples' / 'train'}: {len(shards) - 1} shards, but meta.json records " \
+           f"{len(shards)}" in err
+    assert "Traceback" not in err
+
+
+def test_lightgcn_tables_of_another_catalogue_are_refused(dataset):
+    with np.load(contract.cf_path(dataset)) as tables:
+        arrays = dict(tables)
+    arrays["item_emb"] = arrays["item_emb"][:-1]
+    np.savez(contract.cf_path(dataset), **arrays)
+    with pytest.raises(contract.DataError, match=r"item_emb has shape \(149, \d+\) but the "
+                                                 r"dataset has 150 rows"):
+        validate_dataset(dataset)
+
+
+# -- one run per --out ---------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
+    out = str(tmp_path / "run")
+    Path(out).mkdir()
+    with run_lock(out), pytest.raises(ConfigError, match=r"is in use by another `gensr train` "
+                                                         r"\(pid \d+ on "):
+        with run_lock(out):
+            pass
+    # a holder killed without any clean-up: the OS drops its lock with the process
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from gensr_ray.train.launch import run_lock\n"
+        f"with run_lock({out!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError):
+        with run_lock(out):
+            pass
+    holder.kill()
+    holder.wait()
+    with run_lock(out):
+        pass
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+def _config(data: Path, **overrides) -> GenSRConfig:
+    base = {"data.path": str(data), "model.backbone": "preset:tiny-llama",
+            "model.prompt": "minimal", "model.lora_targets": ["q_proj", "v_proj"],
+            "train.batch_size": 10, "train.lr": 1e-3, "train.warmup_steps": 1,
+            "train.log_every": 2, "train.checkpoint_every": 2, "scale.num_workers": 1,
+            "scale.cpus_per_worker": 0.5, "scale.num_to_keep": 3}
+    return apply_overrides(GenSRConfig(), {**base, **overrides})
+
+
+def _steps(cfg: GenSRConfig, out: Path) -> list[dict]:
+    path = Path(run_location(cfg, out).metrics)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_damaged_latest_checkpoint_falls_back_and_changed_tables_are_refused(
+        ray_cluster, dataset, tmp_path, capsys):
+    cfg = _config(dataset, **{"train.max_steps": 4})
+    out = tmp_path / "run"
+    first = run_training(cfg, out)
+    run_dir = run_location(cfg, out).run_dir
+    newest, older = checkpoints(run_dir)[:2]
+    assert Path(first["checkpoint"]) == Path(newest)
+
+    # a truncated optimizer state in the newest checkpoint: the rerun goes on from the older
+    # one. A copy that a crash cut short before Ray registered it is removed.
+    optim = next(Path(newest, "deepspeed").rglob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])
+    unregistered = Path(run_dir, "checkpoint_2999-01-01_00-00-00.000000")
+    shutil.copytree(older, unregistered)
+    next(unregistered.rglob("*model_states.pt")).unlink()
+    resumed = run_training(apply_overrides(cfg, {"train.max_steps": 6}), out)
+    assert resumed["metrics"]["step"] == 6
+    assert {m["resumed_from"] for m in _steps(cfg, out) if m["step"] > 4} == {2}
+    assert not unregistered.exists()
+
+    # the trainable export of a checkpoint, truncated: a clear error, not torch's
+    final = Path(resumed["checkpoint"])
+    from gensr_ray.assemble import load_for_eval
+
+    spare = tmp_path / "spare"
+    shutil.copytree(final, spare)
+    trainable = spare / "model" / "trainable.pt"
+    trainable.write_bytes(trainable.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match=r"trainable.pt: does not match the checkpoint's "
+                                              r"manifest"):
+        load_for_eval(spare)
+
+    # LightGCN pretrained again with another seed: evaluation and resume refuse the run
+    assert main(["pretrain-cf", "--data", str(dataset), "--epochs", "2", "--seed", "7"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--max-examples", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other data: the LightGCN tables (cf/lightgcn.npz) changed" in err
+    assert "--allow-data-change" in err
+    with pytest.raises(CheckpointError, match="was trained on other data"):
+        run_training(apply_overrides(cfg, {"train.max_steps": 8}), out)
+    assert main(["eval", "--checkpoint", str(out), "--max-examples", "8",
+                 "--allow-data-change"]) == 0
+
+
+def test_local_mode_resumes_from_its_own_checkpoint(ray_cluster, dataset, tmp_path):
+    cfg = _config(dataset, **{"train.max_steps": 2, "scale.num_workers": 0})
+    out = tmp_path / "local"
+    run_training(cfg, out)
+    resumed = run_training(apply_overrides(cfg, {"train.max_steps": 4}), out)
+    assert resumed["metrics"]["step"] == 4 and resumed["metrics"]["resumed_from"] == 2
+    assert Path(resumed["checkpoint"]).parent == Path(run_location(cfg, out).run_dir)
+
+
+def test_more_workers_than_the_machine_holds_is_refused_before_waiting(ray_cluster, dataset,
+                                                                       tmp_path):
+    cfg = _config(dataset, **{"scale.num_workers": 1000})
+    with pytest.raises(ConfigError, match=r"scale.num_workers=1000 x scale.cpus_per_worker=0.5 "
+                                          r"needs 500 CPU; the cluster has 2 CPU"):
+        run_training(cfg, tmp_path / "big")
+
+
+def test_eval_checks_its_output_path_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["eval", "--baselines", "--data", str(tmp_path / "nowhere"),
+                 "--out", str(blocker / "results.json")]) == 2
+    assert f"--out {blocker / 'results.json'}: cannot create {blocker}" in capsys.readouterr().err
