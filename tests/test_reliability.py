@@ -185,7 +185,16 @@ def test_local_mode_resumes_from_its_own_checkpoint(ray_cluster, dataset, tmp_pa
     run_training(cfg, out)
     resumed = run_training(apply_overrides(cfg, {"train.max_steps": 4}), out)
     assert resumed["metrics"]["step"] == 4 and resumed["metrics"]["resumed_from"] == 2
-    assert Path(resumed["checkpoint"]).parent == Path(run_location(cfg, out).run_dir)
+    run_dir = Path(run_location(cfg, out).run_dir)
+    assert Path(resumed["checkpoint"]).parent == run_dir
+
+    # a checkpoint written after the last registered one (a run killed right after saving):
+    # intact, so the next run goes on from it rather than from an older one
+    other = tmp_path / "other"
+    ahead = run_training(apply_overrides(cfg, {"train.max_steps": 6}), other)
+    shutil.copytree(ahead["checkpoint"], run_dir / "checkpoint_2999-01-01_00-00-00.000000")
+    again = run_training(apply_overrides(cfg, {"train.max_steps": 8}), out)
+    assert again["metrics"]["step"] == 8 and again["metrics"]["resumed_from"] == 6
 
 
 def test_more_workers_than_the_machine_holds_is_refused_before_waiting(ray_cluster, dataset,
