@@ -27,7 +27,7 @@ import yaml
 
 from gensr_ray import storage
 from gensr_ray.atomic import atomic_open, atomic_write_text
-from gensr_ray.config import GenSRConfig, from_dict
+from gensr_ray.config import ConfigError, GenSRConfig, from_dict, read_yaml
 
 TRAINABLE = "trainable.pt"
 SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
@@ -205,4 +205,8 @@ def load_trainable(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint_config(checkpoint: str | Path) -> GenSRConfig:
-    return from_dict(yaml.safe_load((model_dir(checkpoint) / "config.yaml").read_text()))
+    path = model_dir(checkpoint) / "config.yaml"
+    try:
+        return from_dict(read_yaml(path))
+    except ConfigError as exc:  # a damaged checkpoint, not a bad setting of the user's
+        raise CheckpointError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None

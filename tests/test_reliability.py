@@ -211,3 +211,13 @@ def test_eval_checks_its_output_path_before_the_work(tmp_path, capsys):
     assert main(["eval", "--baselines", "--data", str(tmp_path / "nowhere"),
                  "--out", str(blocker / "results.json")]) == 2
     assert f"--out {blocker / 'results.json'}: cannot create {blocker}" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_config_is_a_checkpoint_error(tmp_path, capsys):
+    export = tmp_path / "ckpt" / "model"
+    export.mkdir(parents=True)
+    (export / "trainable.pt").write_bytes(b"")
+    (export / "config.yaml").write_text("model: {backbone: [unclosed\n")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{export / 'config.yaml'}: line" in err and "Traceback" not in err
