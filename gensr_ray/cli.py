@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -227,13 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     from gensr_ray.config import ConfigError
     from gensr_ray.data.contract import DataError
 
+    # SIGTERM (a scheduler's stop, `kill`) exits through Python, so the local Ray cluster
+    # this process started is shut down with it rather than left running
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         args.func(args)
     except (DataError, ConfigError, CheckpointError, FileExistsError,
             FileNotFoundError) as exc:
         print(f"gensr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

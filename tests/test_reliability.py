@@ -221,3 +221,79 @@ def test_a_damaged_checkpoint_config_is_a_checkpoint_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert f"{export / 'config.yaml'}: line" in err and "Traceback" not in err
+
+
+# -- a killed driver's local cluster ------------------------------------------------------
+
+_DRIVER = """
+import sys, time
+import ray
+from gensr_ray.train.launch import ensure_ray
+ensure_ray(num_cpus=1, include_dashboard=False, temp_dir=sys.argv[1])
+print(ray._private.worker._global_node.all_processes["raylet"][0].process.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _agents(raylet: int) -> set[int]:
+    """Pids of the Ray agent processes the raylet `raylet` started."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            if parent == raylet and command.startswith((b"ray::DashboardAgent",
+                                                        b"ray::RuntimeEnvAgent")):
+                found.add(int(entry.name))
+    return found
+
+
+def _running(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()
+            and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]}
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+def test_agents_left_by_a_killed_driver_are_stopped_and_live_ones_kept(tmp_path):
+    import os
+    import signal
+    import time
+
+    from gensr_ray.train.launch import reap_orphaned_agents
+
+    drivers, dirs, raylets = [], [], []
+    for name in ("killed", "alive"):
+        # short paths: Ray's socket names must fit in 107 bytes
+        temp_dir = Path(f"/tmp/gr-{name}-{os.getpid()}")
+        dirs.append(temp_dir)
+        drivers.append(subprocess.Popen([sys.executable, "-c", _DRIVER, str(temp_dir)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True))
+    try:
+        raylets = [int(driver.stdout.readline()) for driver in drivers]
+        deadline = time.monotonic() + 60
+        while not all(len(_agents(r)) == 2 for r in raylets) and time.monotonic() < deadline:
+            time.sleep(1)
+        orphans, live = (_agents(r) for r in raylets)
+        assert len(orphans) == 2 and len(live) == 2
+        drivers[0].send_signal(signal.SIGKILL)
+        drivers[0].wait()
+        time.sleep(3)  # the raylet and GCS fate-share with the driver; the agents do not
+        assert _running(orphans) == orphans
+
+        stopped = set(reap_orphaned_agents())
+        assert orphans <= stopped and not (live & stopped)
+        deadline = time.monotonic() + 20
+        while _running(orphans) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _running(orphans)
+        assert _running(live) == live
+    finally:
+        for driver in drivers:
+            driver.kill()
+            driver.wait()
+        for temp_dir in dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)

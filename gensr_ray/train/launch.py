@@ -46,6 +46,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    reap_orphaned_agents()
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
              include_dashboard=include_dashboard, _temp_dir=temp_dir, log_to_driver=True,
              _node_ip_address="127.0.0.1")
@@ -54,6 +55,40 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
 
 _LOCAL_CLUSTER = False  # this process started the cluster: it will not grow
 log = logging.getLogger(__name__)
+# a local cluster's raylet starts these; they outlive it when its driver is killed (SIGKILL)
+_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def reap_orphaned_agents() -> list[int]:
+    """Stop this user's Ray agent processes whose raylet is gone (left by a killed driver's
+    local cluster); the pids stopped. An agent of a live cluster has its raylet as parent
+    and is never touched. Linux only (reads /proc); elsewhere a no-op."""
+    import signal
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    stopped = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            if not command.startswith(_AGENTS):
+                continue
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_command = (proc / parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if b"raylet" in parent_command:
+            continue
+        os.kill(int(entry.name), signal.SIGKILL)  # without a raylet they hang on SIGTERM
+        log.warning("stopped %s (pid %s): its local Ray cluster's driver was killed",
+                    command.split()[0], entry.name)
+        stopped.append(int(entry.name))
+    return stopped
 
 
 @dataclass(frozen=True)
