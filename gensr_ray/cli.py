@@ -57,9 +57,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _pretrain_cf(args: argparse.Namespace) -> None:
     from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
-    from gensr_ray.data.contract import cf_path, read_meta
-
     from gensr_ray.config import ConfigError
+    from gensr_ray.data.contract import cf_path, read_meta
     from gensr_ray.storage import is_uri
 
     if args.epochs is not None and args.epochs < 1:

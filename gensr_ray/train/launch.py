@@ -313,4 +313,4 @@ def _relative_to(path: str, out: str) -> str:
     """`path` relative to the run directory when it lies inside it (a copied run evaluates
     its own checkpoint), else as it is."""
     prefix = out.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return path.removeprefix(prefix)
