@@ -58,6 +58,7 @@ RANGES: dict[str, tuple] = {
     "scale.max_failures": (lambda v: v >= -1, "-1 (unlimited) or >= 0"),
     "scale.num_to_keep": _AT_LEAST_1,
     "eval.max_examples": _NON_NEGATIVE, "eval.batch_size": _AT_LEAST_1,
+    "eval.num_workers": _NON_NEGATIVE, "eval.cpus_per_worker": _POSITIVE,
     "eval.rerank_depth": _AT_LEAST_1,
 }
 
@@ -171,6 +172,9 @@ class EvalConfig:
     max_examples: int = _f(0, "seeded subset of examples per task (0: all)")
     seed: int = _f(0, "seed of that subset")
     batch_size: int = _f(200, "rows per scoring forward pass")
+    num_workers: int = _f(2, "Ray workers scoring GenSR, each holding the model (0: in this "
+                             "process, for debugging)")
+    cpus_per_worker: float = _f(1.0, "CPUs per scoring worker")
     use_gpu: bool = _f(False, "score on the GPU (cuda) instead of the CPU")
     precision: str = _f("fp32", "dtype GenSR scores in: fp32 | bf16 | fp16 (bf16 on GPUs: "
                                 "half the memory, tensor cores)", choices=PRECISIONS)

@@ -101,7 +101,10 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     cfg = apply_overrides(base, config["overrides"][config["trial"]])
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
-    results = evaluate_run(summary["checkpoint"], split="valid", cfg=cfg)
+    # scored in the trial's own process: scoring workers would need resources outside the
+    # trial's reservation
+    results = evaluate_run(summary["checkpoint"], split="valid",
+                           cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
     write_results(results, out / "valid_results.json")
     ray.tune.report({**flatten(results), "trial": config["trial"],
                      "step": summary["metrics"]["step"],

@@ -262,7 +262,7 @@ def test_agents_left_by_a_killed_driver_are_stopped_and_live_ones_kept(tmp_path)
     import signal
     import time
 
-    from gensr_ray.train.launch import reap_orphaned_agents
+    from gensr_ray.ray_init import reap_orphaned_agents
 
     drivers, dirs, raylets = [], [], []
     for name in ("killed", "alive"):

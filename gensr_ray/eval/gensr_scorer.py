@@ -60,17 +60,23 @@ class GenSRScorer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
-        task = batch["task"][0]
-        pool = self.first_stage[task].retrieve(batch, max(k, self.depth), exclude_per_example)
-        valid = pool >= 0
-        scores = self.score(batch, np.where(valid, pool, 0))
-        scores = np.where(valid, scores, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(pool, order, axis=1)
+        return rerank(self.first_stage, self.depth, self.score, batch, k, exclude_per_example)
 
 
-def build_gensr_scorer(model, backbone, cfg, baselines: dict) -> GenSRScorer:
-    """GenSR with the first stages its config names, taken from `build_baselines`."""
+def rerank(first_stage: dict, depth: int, score, batch: dict, k: int,
+           exclude_per_example: list) -> np.ndarray:
+    """The full-catalogue protocol for a reranker: the task's first stage retrieves
+    max(k, depth) candidates, `score(batch, candidates)` orders them; the top k item ids."""
+    task = batch["task"][0]
+    pool = first_stage[task].retrieve(batch, max(k, depth), exclude_per_example)
+    valid = pool >= 0
+    scores = np.where(valid, score(batch, np.where(valid, pool, 0)), -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(pool, order, axis=1)
+
+
+def first_stages(cfg, baselines: dict) -> dict:
+    """task -> the first-stage scorer the config names, taken from `build_baselines`."""
     from gensr_ray.config import ConfigError
 
     names = {"rec": ("eval.first_stage", cfg.eval.first_stage),
@@ -84,4 +90,4 @@ def build_gensr_scorer(model, backbone, cfg, baselines: dict) -> GenSRScorer:
             raise ConfigError(f"{setting}={name!r} is not a {task} first stage; "
                               f"expected one of {options}")
         stage[task] = baselines[name]
-    return GenSRScorer(model, backbone, cfg, stage, cfg.eval.rerank_depth, cfg.eval.batch_size)
+    return stage

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from gensr_ray.assemble import load_for_eval
 from gensr_ray.checkpoint import check_same_data, read_checkpoint_config, read_state
-from gensr_ray.config import GenSRConfig
+from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data.contract import local_root
 from gensr_ray.data.validate import validate_dataset
-from gensr_ray.eval.gensr_scorer import build_gensr_scorer
+from gensr_ray.eval.distributed import DistributedGenSRScorer
+from gensr_ray.eval.gensr_scorer import GenSRScorer, first_stages
 from gensr_ray.eval.harness import build_baselines, evaluate
 
 
@@ -37,14 +38,24 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
     if checkpoint is not None and not (allow_data_change or cfg.data.allow_change):
         check_same_data(read_state(checkpoint).get("data"), fingerprint,
                         f"checkpoint {checkpoint}")
-    data = local_root(data)  # this node's copy of a dataset given as a URI
+    source, data = data, local_root(data)  # this node's copy of a dataset given as a URI
     baselines = build_baselines(data)
     scorers = dict(baselines) if with_baselines else {}
     seed = 0
     if checkpoint is not None:
         cfg.data.path = str(data)
-        model, backbone, cfg = load_for_eval(checkpoint, cfg)
-        scorers["gensr"] = build_gensr_scorer(model, backbone, cfg, baselines)
+        stages = first_stages(cfg, baselines)
+        if cfg.eval.num_workers > 0:  # N Ray workers, each loading the checkpoint itself
+            from gensr_ray.ray_init import ensure_ray
+
+            ensure_ray()
+            # workers read the dataset where it lies (their own mirror of a URI)
+            scorers["gensr"] = DistributedGenSRScorer(
+                checkpoint, apply_overrides(cfg, {"data.path": str(source)}), stages)
+        else:
+            model, backbone, cfg = load_for_eval(checkpoint, cfg)
+            scorers["gensr"] = GenSRScorer(model, backbone, cfg, stages, cfg.eval.rerank_depth,
+                                           cfg.eval.batch_size)
         max_examples = cfg.eval.max_examples if max_examples is None else max_examples
         seed = cfg.eval.seed
     results = evaluate(data, split or (cfg.eval.split if checkpoint is not None else "test"),

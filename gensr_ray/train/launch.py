@@ -25,70 +25,11 @@ from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
+from gensr_ray.ray_init import ensure_ray, started_local_cluster
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
 
-
-def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None,
-               temp_dir: str | None = None, include_dashboard: bool = True) -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one.
-
-    include_dashboard=False starts no dashboard (and no job server): for images that lack the
-    dashboard's dependencies (ray without the `default` extra)."""
-    import ray
-
-    global _LOCAL_CLUSTER
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # keeps a local cluster's sockets on 127.0.0.1 instead of the machine's address
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    reap_orphaned_agents()
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
-             include_dashboard=include_dashboard, _temp_dir=temp_dir, log_to_driver=True,
-             _node_ip_address="127.0.0.1")
-    _LOCAL_CLUSTER = True
-
-
-_LOCAL_CLUSTER = False  # this process started the cluster: it will not grow
 log = logging.getLogger(__name__)
-# a local cluster's raylet starts these; they outlive it when its driver is killed (SIGKILL)
-_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-
-
-def reap_orphaned_agents() -> list[int]:
-    """Stop this user's Ray agent processes whose raylet is gone (left by a killed driver's
-    local cluster); the pids stopped. An agent of a live cluster has its raylet as parent
-    and is never touched. Linux only (reads /proc); elsewhere a no-op."""
-    import signal
-
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    stopped = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            if not command.startswith(_AGENTS):
-                continue
-            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent_command = (proc / parent / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-        if b"raylet" in parent_command:
-            continue
-        os.kill(int(entry.name), signal.SIGKILL)  # without a raylet they hang on SIGTERM
-        log.warning("stopped %s (pid %s): its local Ray cluster's driver was killed",
-                    command.split()[0], entry.name)
-        stopped.append(int(entry.name))
-    return stopped
 
 
 @dataclass(frozen=True)
@@ -170,7 +111,7 @@ def check_resources(cfg: GenSRConfig) -> None:
                f"{' + 1 GPU each' if s.use_gpu else ''} needs "
                + ", ".join(f"{v:g} {k}" for k, v in short.items())
                + "; the cluster has " + ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
-    if _LOCAL_CLUSTER:
+    if started_local_cluster():
         raise ConfigError(message + ": lower scale.num_workers or scale.cpus_per_worker")
     log.warning("%s: waiting for the cluster to grow (autoscaler)", message)
 

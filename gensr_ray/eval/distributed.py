@@ -1,0 +1,83 @@
+"""GenSR scoring on N Ray workers: each holds the model once, examples stream to them.
+
+`DistributedGenSRScorer` has the harness's scorer interface (gensr_ray.eval.harness), so
+both protocols use it unchanged: the sampled one scores the target and its stored negatives,
+the full-catalogue one scores the first stage's candidates (retrieved on the driver, where the
+baselines' faiss indexes are). A call becomes a Ray Data pipeline: the examples with their
+candidate lists -> `map_batches` over a pool of `eval.num_workers` scoring actors (a callable
+class, built once per actor) -> the scores, which the driver puts back in example order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from gensr_ray.config import GenSRConfig
+from gensr_ray.eval.gensr_scorer import GenSRScorer, rerank
+
+# examples per task sent to an actor at a time: large enough to keep it busy between calls,
+# small enough that N actors share a few thousand examples evenly
+EXAMPLES_PER_CALL = 16
+
+
+class _ScoringActor:
+    """One scoring worker: the checkpoint's model, loaded once, scoring batches of examples."""
+
+    def __init__(self, checkpoint: str, cfg: GenSRConfig):
+        import torch
+
+        from gensr_ray.assemble import load_for_eval
+
+        torch.set_num_threads(max(1, int(cfg.eval.cpus_per_worker)))
+        model, backbone, cfg = load_for_eval(checkpoint, cfg)
+        self.scorer = GenSRScorer(model, backbone, cfg, {}, depth=0,
+                                  batch_size=cfg.eval.batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        examples = {"task": list(batch["task"]), "query": list(batch["query"]),
+                    "history": [np.asarray(h, dtype=np.int64) for h in batch["history"]]}
+        candidates = np.stack([np.asarray(c, dtype=np.int64) for c in batch["candidates"]])
+        scores = self.scorer.score(examples, candidates)
+        return {"position": batch["position"], "scores": list(scores)}
+
+
+class DistributedGenSRScorer:
+    """The harness scorer for GenSR, scoring on a pool of Ray actors."""
+
+    name = "gensr"
+    tasks = ("search", "rec")
+
+    def __init__(self, checkpoint: str, cfg: GenSRConfig, first_stage: dict):
+        self.checkpoint = str(checkpoint)
+        self.cfg = cfg
+        self.first_stage = first_stage  # task -> a harness scorer with retrieve()
+        self.depth = cfg.eval.rerank_depth
+
+    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        import ray.data
+
+        e = self.cfg.eval
+        n = len(candidates)
+        table = pa.table({
+            "position": pa.array(np.arange(n), pa.int64()),
+            "task": pa.array(list(batch["task"]), pa.string()),
+            "query": pa.array(list(batch["query"]), pa.string()),
+            "history": pa.array([np.asarray(h).tolist() for h in batch["history"]],
+                                pa.list_(pa.int64())),
+            "candidates": pa.array(np.asarray(candidates).tolist(), pa.list_(pa.int64())),
+        })
+        # one block per call, made here: no task has to split the table before the actors
+        blocks = [table.slice(lo, EXAMPLES_PER_CALL) for lo in range(0, n, EXAMPLES_PER_CALL)]
+        scored = ray.data.from_arrow(blocks).map_batches(
+            _ScoringActor, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
+            fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
+            compute=ray.data.ActorPoolStrategy(size=e.num_workers),
+            num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
+        scores = np.empty(np.shape(candidates), dtype=np.float32)
+        for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            scores[part["position"]] = np.stack(part["scores"])
+        return scores
+
+    def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
+        return rerank(self.first_stage, self.depth, self.score, batch, k, exclude_per_example)
