@@ -87,8 +87,16 @@ def _eval(args: argparse.Namespace) -> None:
     if args.out:
         _check_writable(args.out)  # before the work, not after it
     started = time.perf_counter()
+    cfg = None
+    if args.set:
+        if not args.checkpoint:
+            raise SystemExit("gensr eval: --set changes a checkpoint's config; pass --checkpoint")
+        from gensr_ray.checkpoint import read_checkpoint_config
+        from gensr_ray.config import apply_overrides
+
+        cfg = apply_overrides(read_checkpoint_config(args.checkpoint), args.set)
     results = evaluate_run(args.checkpoint, args.data, args.split, args.baselines,
-                           args.max_examples, allow_data_change=args.allow_data_change)
+                           args.max_examples, cfg=cfg, allow_data_change=args.allow_data_change)
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
@@ -215,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     p.add_argument("--allow-data-change", action="store_true",
                    help="evaluate a checkpoint on data other than it was trained on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config, e.g. --set eval.num_workers=4 "
+                        "(repeatable)")
     p.set_defaults(func=_eval)
     return parser
 

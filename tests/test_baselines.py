@@ -53,12 +53,32 @@ def test_tokenize():
 
 
 @pytest.mark.parametrize("query", ["sci-fi", "comedy", "a comedy in space", "matrix matrix", "zzz"])
-def test_bm25_inner_product_equals_textbook_bm25(query):
+def test_bm25_inverted_index_equals_textbook_bm25(query):
     model = BM25(CORPUS)
-    q = model.query_vectors({"query": [query], "target": np.zeros(1)})
-    got = (q @ model.item_vectors().T)[0]
-    np.testing.assert_allclose(got, textbook_bm25(query, CORPUS), rtol=1e-5, atol=1e-6)
+    expected = textbook_bm25(query, CORPUS)
+    every_item = np.arange(len(CORPUS))[None, :]
+    got = model.score({"query": [query]}, every_item)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert model.tasks == ("search",)
+
+    # retrieval: the textbook ranking (ties by item id), the excluded item skipped, and the
+    # items no query term reaches after the matching ones, by id
+    excluded = np.array([int(np.argmax(expected))])
+    top = model.retrieve({"query": [query]}, len(CORPUS), [excluded])[0]
+    ranked = [i for i in np.lexsort((np.arange(len(CORPUS)), -expected.round(5)))
+              if i not in excluded]
+    assert top[:len(ranked)].tolist() == ranked and top[len(ranked):].tolist() == [-1]
+
+
+def test_bm25_memory_follows_the_text_not_items_times_vocabulary():
+    # 20,000 items with 3 distinct words each out of a 60,000-word vocabulary: a dense
+    # items x vocabulary table would be 1.2e9 cells; the index holds the 60,000 pairs
+    texts = [f"w{3 * i} w{3 * i + 1} w{3 * i + 2}" for i in range(20_000)]
+    model = BM25(texts)
+    assert len(model.vocab) == 60_000
+    assert model._items.size == model._weights.size == 60_000
+    top = model.retrieve({"query": ["w30001 w7"]}, 3, [np.zeros(0, dtype=np.int64)])[0]
+    assert top.tolist() == [2, 10000, 0]  # the two matches, then the lowest unmatched id
 
 
 def test_popularity_and_lightgcn_vectors():

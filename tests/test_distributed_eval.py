@@ -62,3 +62,15 @@ def test_evaluation_results_match_between_the_paths(ray_cluster, checkpoint):
     local = evaluate_run(path, cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
     assert pooled["models"]["gensr"] == local["models"]["gensr"]
     assert set(pooled["models"]["gensr"]) == {"search", "rec"}
+
+
+def test_eval_set_overrides_the_checkpoint_config(checkpoint, tmp_path, capsys):
+    from gensr_ray.cli import main
+
+    path, _ = checkpoint
+    out = tmp_path / "results.json"
+    assert main(["eval", "--checkpoint", str(path), "--set", "eval.num_workers=0",
+                 "--set", "eval.max_examples=3", "--out", str(out)]) == 0
+    assert "seeded subset of at most 3 per task" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(path), "--set", "eval.num_workers=-1"]) == 2
+    assert "eval.num_workers=-1 is out of range" in capsys.readouterr().err

@@ -57,44 +57,84 @@ class LightGCNBaseline:
 
 
 class BM25:
-    """Okapi BM25 of the query against each item's text, factored into an inner product.
+    """Okapi BM25 of the query against each item's text, held as an inverted index.
 
-    BM25(q, d) = sum over query tokens t of idf(t) * tf(t,d) * (k1+1) / (tf(t,d) + k1*(1-b+b*|d|/avgdl))
-    is linear in the query's term counts, so item vector = that per-term weight over the
-    vocabulary and query vector = the query's term counts. idf(t) = ln(1 + (N - df + 0.5)/(df + 0.5))
-    (the non-negative Lucene form). Search only: a rec example has no query.
+    BM25(q, d) = sum over query tokens t of idf(t) * tf(t,d) * (k1+1) / (tf(t,d) + k1*(1-b+b*|d|/avgdl)),
+    idf(t) = ln(1 + (N - df + 0.5)/(df + 0.5)) (the non-negative Lucene form). Only the
+    (item, term) pairs that occur are stored (a posting list per term, items ascending), so
+    memory grows with the catalogue's text, not items x vocabulary; a query touches only its
+    terms' postings. Search only: a rec example has no query. A harness scorer itself (score,
+    retrieve), not an inner-product model.
     """
 
     name = "bm25"
     tasks = ("search",)
 
     def __init__(self, items_text: list[str], k1: float = 1.2, b: float = 0.75):
-        docs = [Counter(tokenize(text or "")) for text in items_text]
-        self.vocab = {t: i for i, t in enumerate(sorted(set().union(*docs)))}
-        n_docs = len(docs)
-        lengths = np.array([sum(d.values()) for d in docs], dtype=np.float64)
-        avg_len = lengths.mean() if n_docs and lengths.mean() > 0 else 1.0
-        # Dense [n_items, vocab]: a few thousand terms x a few thousand items for ml-100k. A large
-        # catalogue (Amazon: 10^5 items x 10^5 terms) needs a sparse matrix and a sparse search.
-        tf = np.zeros((n_docs, max(len(self.vocab), 1)), dtype=np.float64)
-        for row, doc in enumerate(docs):
+        self.n_items = len(items_text)
+        self.vocab: dict[str, int] = {}
+        items, terms, counts, lengths = [], [], [], np.zeros(self.n_items, dtype=np.float64)
+        for row, text in enumerate(items_text):
+            doc = Counter(tokenize(text or ""))
+            lengths[row] = sum(doc.values())
             for term, count in doc.items():
-                tf[row, self.vocab[term]] = count
-        df = (tf > 0).sum(axis=0)
-        idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
+                items.append(row)
+                terms.append(self.vocab.setdefault(term, len(self.vocab)))
+                counts.append(count)
+        items, terms = np.asarray(items, dtype=np.int64), np.asarray(terms, dtype=np.int64)
+        tf = np.asarray(counts, dtype=np.float64)
+        avg_len = lengths.mean() if self.n_items and lengths.mean() > 0 else 1.0
+        df = np.bincount(terms, minlength=len(self.vocab))
+        idf = np.log1p((self.n_items - df + 0.5) / (df + 0.5))
         norm = k1 * (1.0 - b + b * lengths / avg_len)
-        self._items = (idf * tf * (k1 + 1.0) / (tf + norm[:, None])).astype(np.float32)
+        weights = (idf[terms] * tf * (k1 + 1.0) / (tf + norm[items])).astype(np.float32)
+        order = np.lexsort((items, terms))  # by term, then item: one sorted posting list each
+        self._items, self._weights = items[order], weights[order]
+        self._start = np.searchsorted(terms[order], np.arange(len(self.vocab) + 1))
 
-    def query_vectors(self, batch: dict) -> np.ndarray:
-        out = np.zeros((len(batch["query"]), self._items.shape[1]), dtype=np.float32)
+    def _query_terms(self, query: str | None) -> list[tuple[int, float]]:
+        if query is None:
+            raise ValueError("BM25 got an example without a query (a rec example?)")
+        counts = Counter(self.vocab[t] for t in tokenize(query) if t in self.vocab)
+        return [(term, float(count)) for term, count in counts.items()]
+
+    def _postings(self, term: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self._start[term], self._start[term + 1]
+        return self._items[lo:hi], self._weights[lo:hi]
+
+    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        candidates = np.asarray(candidates, dtype=np.int64)
+        scores = np.zeros(candidates.shape, dtype=np.float32)
         for row, query in enumerate(batch["query"]):
-            if query is None:
-                raise ValueError("BM25 got an example without a query (a rec example?)")
-            for term in tokenize(query):
-                col = self.vocab.get(term)
-                if col is not None:  # words no item contains add nothing to any score
-                    out[row, col] += 1.0
-        return out
+            for term, count in self._query_terms(query):
+                items, weights = self._postings(term)
+                at = np.minimum(np.searchsorted(items, candidates[row]), len(items) - 1)
+                hit = items[at] == candidates[row]
+                scores[row] += np.where(hit, count * weights[at], 0.0).astype(np.float32)
+        return scores
 
-    def item_vectors(self) -> np.ndarray:
-        return self._items
+    def retrieve(self, batch: dict, k: int, exclude_per_example: list[np.ndarray]) -> np.ndarray:
+        """Top-k item ids per example, best first; ties (zero-score items included) by
+        ascending item id; -1 where fewer than k items are left after the exclusions."""
+        out = np.full((len(batch["query"]), k), -1, dtype=np.int64)
+        for row, query in enumerate(batch["query"]):
+            terms = self._query_terms(query)
+            parts = [self._postings(t) for t, _ in terms]
+            counts = [c for _, c in terms]
+            if parts:
+                hits = np.concatenate([items for items, _ in parts])
+                gains = np.concatenate([c * w for (_, w), c in zip(parts, counts)])
+                items, where = np.unique(hits, return_inverse=True)
+                scores = np.bincount(where, weights=gains).astype(np.float32)
+            else:
+                items, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            excluded = np.asarray(exclude_per_example[row], dtype=np.int64)
+            keep = ~np.isin(items, excluded)
+            items, scores = items[keep], scores[keep]
+            best = items[np.lexsort((items, -scores))][:k]
+            if best.size < k:  # then the items no query term reaches, by id
+                rest = np.setdiff1d(np.arange(min(self.n_items, k + best.size + excluded.size)),
+                                    np.concatenate([best, excluded]))
+                best = np.concatenate([best, rest[:k - best.size]])
+            out[row, :best.size] = best
+        return out

@@ -26,7 +26,7 @@ from gensr_ray.eval.metrics import DEFAULT_KS, full_metrics, sampled_metrics, sa
 
 log = logging.getLogger(__name__)
 
-# Examples scored per call: bounds the memory of dense query matrices (BM25's is [n, vocab]).
+# Examples scored per call: bounds the memory of query matrices and retrieved lists.
 CHUNK = 1024
 # Earlier splits whose interactions the full-catalogue protocol excludes.
 _EARLIER = {"valid": ("train",), "test": ("train", "valid")}
@@ -119,7 +119,7 @@ class DenseScorer:
         items = self._item_vectors()  # [n_items, d]
         candidates = np.asarray(candidates, dtype=np.int64)
         # Gathering candidate vectors costs n*c*d memory, scoring the catalogue n*n_items; take
-        # the smaller (BM25's d is the vocabulary, larger than an ml-100k catalogue).
+        # the smaller.
         if candidates.shape[1] * items.shape[1] <= items.shape[0]:
             return np.einsum("nd,ncd->nc", queries, items[candidates])
         return np.take_along_axis(queries @ items.T, candidates, axis=1)
@@ -130,6 +130,25 @@ class DenseScorer:
         if self._index is None:  # built once, reused for every task and chunk
             self._index = build_ip_index(self._item_vectors())
         return topk_excluding(self._index, self.model.query_vectors(batch), k, exclude_per_example)
+
+
+class LazyScorer:
+    """A scorer built on its first use: an evaluation that never asks for it (GenSR alone,
+    whose first stage is another baseline) never pays for building it."""
+
+    def __init__(self, name: str, tasks: tuple[str, ...], build):
+        self.name, self.tasks, self._build, self._scorer = name, tasks, build, None
+
+    def _get(self):
+        if self._scorer is None:
+            self._scorer = self._build()
+        return self._scorer
+
+    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        return self._get().score(batch, candidates)
+
+    def retrieve(self, batch: dict, k: int, exclude_per_example: list[np.ndarray]) -> np.ndarray:
+        return self._get().retrieve(batch, k, exclude_per_example)
 
 
 def _chunk(batch: dict, lo: int, hi: int) -> dict:
@@ -251,7 +270,7 @@ def write_results(results: dict, path: Path) -> None:
         f.write("\n")
 
 
-def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
+def build_baselines(data_dir: Path) -> dict:
     """popularity, lightgcn, sasrec and bm25 scorers for a prepared dataset.
 
     LightGCN tables are read from cf/lightgcn.npz; when that file is missing they are trained
@@ -286,6 +305,9 @@ def build_baselines(data_dir: Path) -> dict[str, DenseScorer]:
             f"{path}: {cf.item_emb.shape[0]} items but the items table has {n_items}; the tables "
             "belong to another dataset, delete the file to retrain"
         )
-    texts = [text or "" for text in items.column("text").to_pylist()]
-    models = [Popularity(counts), LightGCNBaseline(cf), SASRecBaseline(data_dir, n_items), BM25(texts)]
-    return {model.name: DenseScorer(model) for model in models}
+    models = [Popularity(counts), LightGCNBaseline(cf), SASRecBaseline(data_dir, n_items)]
+    scorers = {model.name: DenseScorer(model) for model in models}
+    # an inverted index over the item texts, built when its results are first asked for
+    scorers[BM25.name] = LazyScorer(BM25.name, BM25.tasks, lambda: BM25(
+        [text or "" for text in items.column("text").to_pylist()]))
+    return scorers
