@@ -321,7 +321,7 @@ class Strategy:
             if not self.cfg.data.allow_change:
                 check_same_data(state.get("data"), data or {}, f"checkpoint {checkpoint.path}")
             log.info("rank %d resumed from %s at step %s", self.rank, checkpoint.path,
-                        state.get("step"))
+                     state.get("step"))
             return state
         if skipped:
             raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from ("
