@@ -61,12 +61,11 @@ def test_bm25_inverted_index_equals_textbook_bm25(query):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert model.tasks == ("search",)
 
-    # retrieval: the textbook ranking (ties by item id), the excluded item skipped, and the
-    # items no query term reaches after the matching ones, by id
+    # retrieval: the textbook ranking (equal scores in the model's tie-break order), the
+    # excluded item skipped, the items no query term reaches after the matching ones
     excluded = np.array([int(np.argmax(expected))])
     top = model.retrieve({"query": [query]}, len(CORPUS), [excluded])[0]
-    ranked = [i for i in np.lexsort((np.arange(len(CORPUS)), -expected.round(5)))
-              if i not in excluded]
+    ranked = [i for i in np.lexsort((model.tie_rank, -expected.round(5))) if i not in excluded]
     assert top[:len(ranked)].tolist() == ranked and top[len(ranked):].tolist() == [-1]
 
 
@@ -78,7 +77,9 @@ def test_bm25_memory_follows_the_text_not_items_times_vocabulary():
     assert len(model.vocab) == 60_000
     assert model._items.size == model._weights.size == 60_000
     top = model.retrieve({"query": ["w30001 w7"]}, 3, [np.zeros(0, dtype=np.int64)])[0]
-    assert top.tolist() == [2, 10000, 0]  # the two matches, then the lowest unmatched id
+    # the two matches (equal scores), then the first unmatched item in tie-break order
+    assert set(top[:2].tolist()) == {2, 10000}
+    assert top[2] == next(i for i in np.argsort(model.tie_rank) if i not in (2, 10000))
 
 
 def test_popularity_and_lightgcn_vectors():

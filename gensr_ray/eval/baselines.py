@@ -65,6 +65,11 @@ class BM25:
     memory grows with the catalogue's text, not items x vocabulary; a query touches only its
     terms' postings. Search only: a rec example has no query. A harness scorer itself (score,
     retrieve), not an inner-product model.
+
+    Retrieval meets many equal scores (items of the same length matching the same single
+    term, and every item no query term reaches). They are ordered by a fixed, seeded
+    permutation of the items: ordering them by id would favour whatever the ids correlate
+    with (on MovieLens, low ids are the popular films).
     """
 
     name = "bm25"
@@ -91,6 +96,8 @@ class BM25:
         order = np.lexsort((items, terms))  # by term, then item: one sorted posting list each
         self._items, self._weights = items[order], weights[order]
         self._start = np.searchsorted(terms[order], np.arange(len(self.vocab) + 1))
+        self.tie_rank = np.random.default_rng(0).permutation(self.n_items)  # item -> its rank
+        self._tie_order = np.argsort(self.tie_rank)  # items in tie-break order
 
     def _query_terms(self, query: str | None) -> list[tuple[int, float]]:
         if query is None:
@@ -114,8 +121,8 @@ class BM25:
         return scores
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list[np.ndarray]) -> np.ndarray:
-        """Top-k item ids per example, best first; ties (zero-score items included) by
-        ascending item id; -1 where fewer than k items are left after the exclusions."""
+        """Top-k item ids per example, best first; equal scores (zero-score items included)
+        in `tie_rank` order; -1 where fewer than k items are left after the exclusions."""
         out = np.full((len(batch["query"]), k), -1, dtype=np.int64)
         for row, query in enumerate(batch["query"]):
             terms = self._query_terms(query)
@@ -131,10 +138,10 @@ class BM25:
             excluded = np.asarray(exclude_per_example[row], dtype=np.int64)
             keep = ~np.isin(items, excluded)
             items, scores = items[keep], scores[keep]
-            best = items[np.lexsort((items, -scores))][:k]
-            if best.size < k:  # then the items no query term reaches, by id
-                rest = np.setdiff1d(np.arange(min(self.n_items, k + best.size + excluded.size)),
-                                    np.concatenate([best, excluded]))
+            best = items[np.lexsort((self.tie_rank[items], -scores))][:k]
+            if best.size < k:  # then the items no query term reaches, in tie-break order
+                rest = self._tie_order[:k + best.size + excluded.size]
+                rest = rest[~np.isin(rest, np.concatenate([best, excluded]))]
                 best = np.concatenate([best, rest[:k - best.size]])
             out[row, :best.size] = best
         return out

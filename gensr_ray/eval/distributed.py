@@ -10,8 +10,11 @@ class, built once per actor) -> the scores, which the driver puts back in exampl
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from gensr_ray.config import GenSRConfig
 from gensr_ray.eval.gensr_scorer import GenSRScorer, rerank
@@ -59,6 +62,9 @@ class DistributedGenSRScorer:
 
         e = self.cfg.eval
         n = len(candidates)
+        context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
         table = pa.table({
             "position": pa.array(np.arange(n), pa.int64()),
             "task": pa.array(list(batch["task"]), pa.string()),
@@ -75,8 +81,12 @@ class DistributedGenSRScorer:
             compute=ray.data.ActorPoolStrategy(size=e.num_workers),
             num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
         scores = np.empty(np.shape(candidates), dtype=np.float32)
-        for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            scores[part["position"]] = np.stack(part["scores"])
+        # examples/s and ETA on the driver, for calls long enough to wait on
+        with tqdm(total=n, unit="ex", desc=f"gensr {batch['task'][0]} ({e.num_workers} workers)",
+                  mininterval=5, disable=n < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
+            for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
+                scores[part["position"]] = np.stack(part["scores"])
+                bar.update(len(part["position"]))
         return scores
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
