@@ -62,6 +62,8 @@ class DistributedGenSRScorer:
 
         e = self.cfg.eval
         n = len(candidates)
+        if n == 0:
+            return np.zeros(np.shape(candidates), dtype=np.float32)
         context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
         context.enable_progress_bars = False
         context.print_on_execution_start = False
