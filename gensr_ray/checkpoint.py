@@ -117,6 +117,59 @@ def remove_incomplete(run_dir: str) -> list[str]:
     return removed
 
 
+def saved_metrics(checkpoint: str) -> dict:
+    """The metrics a checkpoint was saved with (its model/state.json), read where it lies;
+    {} when it has none or cannot be read (a save cut short)."""
+    try:
+        return json.loads(storage.read_text(storage.join(checkpoint, "model", "state.json"))
+                          ).get("metrics") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def ranked_checkpoints(run_dir: str, metric: str) -> list[tuple[str, float]]:
+    """The run's checkpoints that recorded `metric`, best (highest) first; among equal
+    values the oldest, the first to reach it (a tie is no improvement, as for patience)."""
+    scored = [(path, saved_metrics(path).get(metric)) for path in reversed(checkpoints(run_dir))]
+    scored = [(path, float(value)) for path, value in scored if isinstance(value, (int, float))]
+    return sorted(scored, key=lambda pair: -pair[1])  # stable: oldest first among ties
+
+
+def score_metric(cfg: GenSRConfig) -> str | None:
+    """The metric that ranks a run's checkpoints: train.best_metric when the run validates."""
+    return cfg.train.best_metric if cfg.train.eval_every else None
+
+
+def prune_checkpoints(run_dir: str, keep: int, metric: str | None = None) -> list[str]:
+    """Delete all but the `keep` best checkpoints by `metric` (newest when None) and the
+    newest one, which resuming needs whatever its score; the ones deleted."""
+    newest = checkpoints(run_dir)
+    ranked = [path for path, _ in ranked_checkpoints(run_dir, metric)] if metric else newest
+    kept = set(ranked[:keep]) | set(newest[:1])
+    removed = [path for path in newest if path not in kept]
+    for path in removed:
+        fs, inner = storage.filesystem(path)
+        fs.delete_dir(inner)
+    return removed
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> str:
+    """The checkpoint that `path` names: a checkpoint as given, or for a `gensr train --out`
+    directory its best checkpoint by train.best_metric (when the run validated) or its
+    last one (`which="last"`, or a run without validation)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which={which!r}: expected 'best' or 'last'")
+    summary_path = storage.join(str(path), SUMMARY)
+    if not storage.exists(summary_path):
+        return str(path)
+    summary = json.loads(storage.read_text(summary_path))
+    chosen = summary.get("best_checkpoint") if which == "best" else None
+    chosen = chosen or summary["checkpoint"]
+    # relative to the run directory, so a copied or moved run evaluates its own checkpoint
+    return chosen if storage.is_uri(chosen) or Path(chosen).is_absolute() \
+        else storage.join(str(path), chosen)
+
+
 def read_state(checkpoint: str | Path) -> dict:
     """The model export's state.json: step, epoch, metrics, and the data it was trained on."""
     return json.loads((model_dir(checkpoint) / "state.json").read_text())
@@ -166,16 +219,10 @@ def model_dir(checkpoint: str | Path) -> Path:
     """The local directory of a checkpoint's model export.
 
     Accepts a checkpoint directory, its model/ subdirectory, or a `gensr train --out`
-    directory (its final checkpoint, from train_summary.json), each local or a URI (s3://,
+    directory (its best checkpoint, see `resolve_checkpoint`), each local or a URI (s3://,
     gs://): from object storage only the model export is copied, once, into this node's
     cache (checkpoint directories are never rewritten)."""
-    path = str(checkpoint)
-    summary = storage.join(path, SUMMARY)
-    if storage.exists(summary):
-        final = json.loads(storage.read_text(summary))["checkpoint"]
-        # relative to the run directory, so a copied or moved run evaluates its own checkpoint
-        path = final if storage.is_uri(final) or Path(final).is_absolute() \
-            else storage.join(path, final)
+    path = resolve_checkpoint(checkpoint)
     for candidate in (storage.join(path, "model"), path):
         if storage.exists(storage.join(candidate, TRAINABLE)):
             return storage.local_dir(candidate)

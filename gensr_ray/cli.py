@@ -87,6 +87,10 @@ def _eval(args: argparse.Namespace) -> None:
     if args.out:
         _check_writable(args.out)  # before the work, not after it
     started = time.perf_counter()
+    if args.checkpoint:
+        from gensr_ray.checkpoint import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint, args.which)
     cfg = None
     if args.set:
         if not args.checkpoint:
@@ -129,6 +133,9 @@ def _train(args: argparse.Namespace) -> None:
     result = run_training(cfg, args.out)
     print(f"final metrics: {json.dumps(result['metrics'], default=float)}")
     print(f"final checkpoint: {result['checkpoint']}")
+    if "best_checkpoint" in result:
+        print(f"best checkpoint: {result['best_checkpoint']} ({result['best_metric']} = "
+              f"{result['best_value']:.4f}; gensr eval evaluates it by default)")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -212,10 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")
     p.add_argument("--checkpoint", default=None,
                    help="a gensr train --out directory or checkpoint, local or a URI")
+    p.add_argument("--which", choices=["best", "last"], default="best",
+                   help="for a gensr train --out directory: its best checkpoint by "
+                        "train.best_metric (when it validated during training; else its last) "
+                        "or its last")
     p.add_argument("--data", default=None,
                    help="prepared dataset, local or a URI (default: the checkpoint's)")
     p.add_argument("--baselines", action="store_true",
-                   help="popularity, LightGCN and BM25 in the same harness")
+                   help="popularity, LightGCN, SASRec and BM25 in the same harness")
     p.add_argument("--split", choices=["valid", "test"], default=None,
                    help="default: the checkpoint config's eval.split, else test")
     p.add_argument("--max-examples", type=int, default=None,

@@ -28,6 +28,10 @@ DATASETS_TO_PREPARE = ("", "ml100k", "synthetic")  # those that need no input fi
 SPLITS = ("valid", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+# What validation during training reports (sampled protocol, valid split): train.best_metric
+# names one of them
+VALIDATION_METRICS = tuple(f"val/{task}/{metric}" for task in ("mean", "search", "rec")
+                           for metric in ("NDCG@10", "HR@10"))
 
 
 def _finite(value) -> bool:
@@ -52,6 +56,8 @@ RANGES: dict[str, tuple] = {
     "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.negatives_per_example": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
+    "train.eval_every": _NON_NEGATIVE, "train.eval_examples": _AT_LEAST_1,
+    "train.patience": _NON_NEGATIVE,
     "scale.num_workers": _NON_NEGATIVE, "scale.cpus_per_worker": _POSITIVE,
     "scale.data_cpus": _POSITIVE, "scale.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
     "scale.zero3_persistence_threshold": _NON_NEGATIVE,
@@ -136,6 +142,15 @@ class TrainConfig:
     seed: int = _f(42, "seed of model init and data order")
     log_every: int = _f(10, "report metrics every N optimizer steps")
     checkpoint_every: int = _f(0, "checkpoint every N optimizer steps (0: each epoch end)")
+    eval_every: int = _f(0, "validate every N optimizer steps, and at every checkpoint (0: "
+                            "never); each validation writes a checkpoint, and the best by "
+                            "train.best_metric is kept")
+    eval_examples: int = _f(100, "validation examples per task, a subset seeded by eval.seed "
+                                 "(sampled protocol, valid split)")
+    best_metric: str = _f("val/mean/NDCG@10", "validation metric that ranks checkpoints "
+                                              "(higher is better)", choices=VALIDATION_METRICS)
+    patience: int = _f(0, "stop after this many validations without a new best "
+                          "train.best_metric (0: never stop early)")
 
 
 @dataclass

@@ -31,36 +31,41 @@ class GenSRScorer:
 
     @torch.no_grad()
     def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
-        if self.model.kind == "decoder":
-            return self._score_grouped(batch, candidates)
-        return self._score_rows(batch, candidates)
-
-    def _score_grouped(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
-        """Decoder-only: per example, the shared prefix's KV cache and history encodings
-        are computed once for all its candidates (bench/scoring.py measures the gain)."""
-        scores = np.empty(candidates.shape, dtype=np.float32)
-        for i in range(len(candidates)):
-            group = self.encoder.encode_group(batch["task"][i], list(batch["history"][i]),
-                                              batch["query"][i], candidates[i].tolist())
-            logits = self.model.score_group(self._to_device(self.collate.group(group)))
-            scores[i] = answer_score(logits).float().cpu().numpy()
-        return scores
-
-    def _score_rows(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
-        """One full prompt per (example, candidate) row, batched."""
-        rows = self.encoder.encode(batch, candidates=candidates)
-        scores = []
-        for lo in range(0, len(rows["target"]), self.batch_size):
-            part = {k: v[lo:lo + self.batch_size] for k, v in rows.items()}
-            logits = self.model(self._to_device(self.collate(part)))["logits"]
-            scores.append(answer_score(logits).float().cpu().numpy())
-        return np.concatenate(scores).reshape(candidates.shape)
+        return score_candidates(self.model, self.model.kind, self.encoder, self.collate, batch,
+                                candidates, self.batch_size, self._to_device)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
         return rerank(self.first_stage, self.depth, self.score, batch, k, exclude_per_example)
+
+
+def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidates: np.ndarray,
+                     batch_size: int, to_device) -> np.ndarray:
+    """Scores [n, c] of each example's candidates; `forward` is the GenSR module or a
+    DeepSpeed engine wrapping it (every call is one forward of the module).
+
+    Decoder-only backbones: per example, the shared prefix's KV cache and the history
+    encodings are computed once for all its candidates, one forward per example
+    (bench/scoring.py measures the gain). Others: one full prompt per (example, candidate)
+    row, `batch_size` rows per forward. Either way the number of forwards depends only on
+    the number of examples and candidates, which keeps ZeRO-3 ranks in step."""
+    if kind == "decoder":
+        scores = np.empty(candidates.shape, dtype=np.float32)
+        for i in range(len(candidates)):
+            group = encoder.encode_group(batch["task"][i], list(batch["history"][i]),
+                                         batch["query"][i], candidates[i].tolist())
+            logits = forward(to_device(collate.group(group)))["logits"]
+            scores[i] = answer_score(logits).float().cpu().numpy()
+        return scores
+    rows = encoder.encode(batch, candidates=candidates)
+    scores = []
+    for lo in range(0, len(rows["target"]), batch_size):
+        part = {k: v[lo:lo + batch_size] for k, v in rows.items()}
+        logits = forward(to_device(collate(part)))["logits"]
+        scores.append(answer_score(logits).float().cpu().numpy())
+    return np.concatenate(scores).reshape(candidates.shape)
 
 
 def rerank(first_stage: dict, depth: int, score, batch: dict, k: int,

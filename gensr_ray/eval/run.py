@@ -6,7 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from gensr_ray.assemble import load_for_eval
-from gensr_ray.checkpoint import check_same_data, read_checkpoint_config, read_state
+from gensr_ray.checkpoint import (
+    check_same_data,
+    read_checkpoint_config,
+    read_state,
+    resolve_checkpoint,
+)
 from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data.contract import local_root
 from gensr_ray.data.validate import validate_dataset
@@ -18,17 +23,20 @@ from gensr_ray.eval.harness import build_baselines, evaluate
 def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None = None,
                  split: str | None = None, with_baselines: bool = False,
                  max_examples: int | None = None, cfg: GenSRConfig | None = None,
-                 allow_data_change: bool = False) -> dict:
+                 allow_data_change: bool = False, which: str = "best") -> dict:
     """The harness's results for GenSR from `checkpoint` (if given) and, with
     `with_baselines`, every baseline, side by side on the same examples.
 
     `cfg` defaults to the checkpoint's own config; `data` to its dataset; `split` to its
     eval.split (test without a checkpoint); `max_examples` to its eval.max_examples. A
     checkpoint trained on other data than `data` is refused unless `allow_data_change` (or
-    the config's data.allow_change).
+    the config's data.allow_change). A `gensr train --out` directory stands for its best
+    checkpoint, or its last with `which="last"` (`resolve_checkpoint`).
     """
     if checkpoint is None and not with_baselines:
         raise ValueError("nothing to evaluate: give a checkpoint and/or with_baselines")
+    if checkpoint is not None:  # a run directory names its best or its last checkpoint
+        checkpoint = resolve_checkpoint(checkpoint, which)
     if checkpoint is not None and cfg is None:
         cfg = read_checkpoint_config(checkpoint)
     data = data or (cfg.data.path if cfg else None)

@@ -155,7 +155,13 @@ class GenSR(nn.Module):
 
     # -- the prompt and the answer --------------------------------------------------------
     def forward(self, batch: dict) -> GenSROutput:
-        """One full prompt per row (training, and scoring any backbone)."""
+        """One full prompt per row (training, and scoring any backbone).
+
+        A candidate group (`Collator.group`: it holds "prefix_ids") is scored by `score_group`
+        instead, so scoring through a DeepSpeed engine, whose ZeRO-3 hooks gather parameters
+        around the module's forward, shares the prefix as well (validation in training)."""
+        if "prefix_ids" in batch:
+            return {"logits": self.score_group(batch)}
         cf_hist, cf_target = self.cf_pool(self.cf_encode(batch["hist_items"], batch["hist_mask"]),
                                           batch["hist_mask"], batch["target_item"])
         encoded, mask = self.sem_encode(batch["hist_title_ids"], batch["hist_title_mask"])

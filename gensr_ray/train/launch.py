@@ -20,7 +20,14 @@ from pathlib import Path
 
 from gensr_ray import storage
 from gensr_ray.assemble import resolve_config_backbone
-from gensr_ray.checkpoint import SUMMARY, CheckpointError, remove_incomplete
+from gensr_ray.checkpoint import (
+    SUMMARY,
+    CheckpointError,
+    checkpoints,
+    ranked_checkpoints,
+    remove_incomplete,
+    score_metric,
+)
 from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
@@ -147,7 +154,11 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
         run_config=RunConfig(
             name=where.name, storage_path=where.storage_path,
             failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=s.num_to_keep),
+            # with validation, the best checkpoints by train.best_metric are kept (and the
+            # latest, which Ray keeps whatever its score, for resuming)
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=s.num_to_keep, checkpoint_score_attribute=score_metric(cfg),
+                checkpoint_score_order="max"),
             callbacks=[_metrics_log_callback(where.metrics), *(callbacks or [])]),
         datasets={"train": _in_current_placement_group(training_dataset(cfg, tokenizer, kind))},
     )
@@ -190,14 +201,23 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
         if result.error is not None:
             raise _user_error(result.error) or RuntimeError(
                 f"training failed: {result.error}") from result.error
-        if result.checkpoint is None:
-            raise RuntimeError("training reported no checkpoint")
-        # Ray reports (filesystem, path without scheme): name it as a URI evaluation can open
-        checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)
+        if result.checkpoint is not None:
+            # Ray reports (filesystem, path without scheme): a URI evaluation can open
+            checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path)
+        else:  # local mode re-run of a finished run: Ray holds none, the storage does
+            saved = checkpoints(where.run_dir)
+            if not saved:
+                raise RuntimeError("training reported no checkpoint")
+            checkpoint = saved[0]
         summary = {"checkpoint": _relative_to(checkpoint, where.out), "metrics": result.metrics}
+        best = ranked_checkpoints(where.run_dir, score_metric(cfg)) if score_metric(cfg) else []
+        if best:
+            summary.update(best_checkpoint=_relative_to(best[0][0], where.out),
+                           best_metric=score_metric(cfg), best_value=best[0][1])
         storage.write_text(storage.join(where.out, SUMMARY),
                            json.dumps(summary, indent=2, default=float) + "\n")
-    return {**summary, "checkpoint": checkpoint}
+    return {**summary, "checkpoint": checkpoint,
+            **({"best_checkpoint": best[0][0]} if best else {})}
 
 
 def _user_error(error: BaseException) -> Exception | None:

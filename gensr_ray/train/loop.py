@@ -10,9 +10,11 @@ import time
 
 from gensr_ray.assemble import build_model, resolve_config_backbone
 from gensr_ray.config import GenSRConfig
+from gensr_ray.data.contract import local_root
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
 from gensr_ray.train.strategy import Strategy
+from gensr_ray.train.validation import BestTracker, Validator
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -22,15 +24,39 @@ def train_loop_per_worker(config: dict) -> None:
 
     # this node's copy of the backbone (presets built, URIs mirrored, once per node)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
-    _, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     engine = strategy.prepare(model)
     state = strategy.restore(data) or {"step": 0, "epoch": 0, "micro": 0}
     step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
     resumed_from = step  # 0 for a fresh run; reported so restarts are visible in the metrics
     shard = strategy.dataset_shard("train")
-    if 0 < cfg.train.max_steps <= step or first_epoch >= cfg.train.epochs:
-        strategy.report({"step": step, "epoch": first_epoch})  # resumed a finished run
+    if 0 < cfg.train.max_steps <= step or first_epoch >= cfg.train.epochs or state.get("stopped"):
+        # resumed a finished run: its last metrics again, nothing trained
+        strategy.report({**state.get("metrics", {}), "step": step, "epoch": first_epoch})
         return
+    validator = Validator(cfg, encoder, collate, backbone.kind, strategy.rank,
+                          strategy.world_size, local_root(cfg.data.path)) \
+        if cfg.train.eval_every else None
+    tracker = BestTracker(cfg.train.best_metric, cfg.train.patience, state.get("best"))
+    validated: dict = {}  # the latest validation's metrics, and its step
+
+    def checkpoint(metrics: dict, epoch: int, micro: int) -> bool:
+        """Validate (when validation is on), then report `metrics` with a checkpoint; True
+        when patience ran out."""
+        stop = False
+        if validator is not None:
+            if validated.get("step") != step:  # an epoch's end may fall on a validation step
+                with strategy.evaluating():
+                    validated.clear()
+                    validated.update(validator.run(engine, strategy.to_device, strategy.sum),
+                                     step=step)
+                stop = tracker.update(validated, step)
+            metrics.update({k: v for k, v in validated.items() if k != "step"})
+            metrics.update({"best": tracker.best, "best_step": tracker.best_step,
+                            "stopped_early": stop})
+        strategy.report(metrics, {"step": step, "epoch": epoch, "micro": micro, "data": data,
+                                  "best": tracker.state(), "stopped": stop, "metrics": metrics})
+        return stop
 
     window: dict[str, float] = {}  # loss sums since the last report, per optimizer step
     window_steps, rows_seen, started, metrics = 0, 0, time.perf_counter(), {}
@@ -58,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             window_steps += 1
             log_now = step % cfg.train.log_every == 0
-            save_now = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            save_now = (_every(step, cfg.train.checkpoint_every)
+                        or _every(step, cfg.train.eval_every))
             last = step == cfg.train.max_steps
             if log_now or save_now or last:
                 metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
@@ -66,8 +93,11 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["input_wait_frac"] = clock.share()
                 window.clear()
                 window_steps = 0
-                state = {"step": step, "epoch": epoch, "micro": micro, "data": data}
-                strategy.report(metrics, state if (save_now or last) else None)
+                if save_now or last:
+                    if checkpoint(metrics, epoch, micro):
+                        return  # patience ran out
+                else:
+                    strategy.report(metrics)
             if last:
                 return
         skip = 0
@@ -76,8 +106,12 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["resumed_from"] = resumed_from
             window.clear()
             window_steps = 0
-        strategy.report({**metrics, "epoch": epoch + 1},
-                        {"step": step, "epoch": epoch + 1, "micro": 0, "data": data})
+        if checkpoint({**metrics, "epoch": epoch + 1}, epoch + 1, 0):
+            return
+
+
+def _every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
 
 
 def _metrics(strategy: Strategy, window: dict, steps: int, step: int, epoch: int, rows: int,

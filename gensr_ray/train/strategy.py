@@ -7,6 +7,7 @@ gensr_ray.train.launch; this module imports neither it nor the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,8 @@ from gensr_ray.checkpoint import (
     check_same_data,
     checkpoint_name,
     checkpoints,
+    prune_checkpoints,
+    score_metric,
     verify_checkpoint,
     write_manifest,
     write_model_export,
@@ -225,6 +228,19 @@ class Strategy:
             t /= self.world_size
         return dict(zip(keys, t.cpu().tolist()))
 
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum scalar metrics over all workers."""
+        return {k: v * self.world_size for k, v in self.mean(values).items()}
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The engine in eval mode (no dropout) for the block, in training mode after it."""
+        self.engine.eval()
+        try:
+            yield self.engine
+        finally:
+            self.engine.train()
+
     # -- checkpoints --------------------------------------------------------------------
     def report(self, metrics: dict, state: dict | None = None) -> None:
         """Report metrics to Ray Train; with `state`, also a checkpoint every rank writes."""
@@ -258,9 +274,7 @@ class Strategy:
         fs.create_dir(inner, recursive=True)
         pyarrow.fs.copy_files(str(tmp), inner, source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=fs)
-        for old in checkpoints(self.run_dir)[self.cfg.scale.num_to_keep:]:
-            old_fs, old_inner = storage.filesystem(old)
-            old_fs.delete_dir(old_inner)
+        prune_checkpoints(self.run_dir, self.cfg.scale.num_to_keep, score_metric(self.cfg))
         return ray.train.Checkpoint(path=inner, filesystem=fs)
 
     def save(self, directory: Path, state: dict) -> None:
