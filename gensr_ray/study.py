@@ -4,25 +4,39 @@ A sweep file (configs/sweeps/*.yaml) names the objective and the trials:
 
     metric: mean/sampled/NDCG@10     # task/protocol/metric on the validation split, or mean/...
     mode: max
+    scheduler:                       # optional: stop poor trials early (needs train.eval_every)
+      name: asha
+      grace_period: 200              # optimizer steps every trial runs before it may be stopped
+      reduction_factor: 2
     trials:
       authors: {model.prompt: authors}
       minimal: {model.prompt: minimal}
 
 Each trial is a Tune function trial that applies its overrides with the same function as the
 CLI (`apply_overrides`), builds and fits its own Ray Train TorchTrainer (Train metrics reach
-Tune through TuneReportCallback), then evaluates its final checkpoint on the validation split.
+Tune through TuneReportCallback), then evaluates its best checkpoint on the validation split. With a scheduler, Tune compares
+the trials' validation during training (the metric's `val/` counterpart, reported every
+train.eval_every steps) and stops the poor ones early (ASHA: asynchronous successive halving).
 At the end the study writes report.md, report.csv and report.png into the output directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, read_yaml
+from gensr_ray.config import (
+    VALIDATION_METRICS,
+    ConfigError,
+    GenSRConfig,
+    apply_overrides,
+    read_yaml,
+)
 
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
 
@@ -33,6 +47,36 @@ class Sweep:
     metric: str
     mode: str
     trials: dict[str, dict]
+    scheduler: dict = field(default_factory=dict)  # {} or {"name": "asha", ...}
+
+    @property
+    def validation_metric(self) -> str:
+        """What validation during training reports for `metric` (sampled protocol)."""
+        task, protocol, name = self.metric.split("/")
+        return f"val/{task}/{name}" if protocol == "sampled" else ""
+
+
+SCHEDULERS = {"asha": {"grace_period": 1, "reduction_factor": 2}}  # settings: their minimum
+
+
+def _scheduler(path: Path, data) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or data.get("name") not in SCHEDULERS:
+        raise ConfigError(f"{path}: scheduler must be a mapping with name: one of "
+                          f"{sorted(SCHEDULERS)}")
+    limits = SCHEDULERS[data["name"]]
+    unknown = set(data) - {"name", *limits}
+    if unknown:
+        raise ConfigError(f"{path}: scheduler: unknown key(s) {sorted(unknown)}; known: name, "
+                          + ", ".join(limits))
+    for key, least in limits.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < least):
+            raise ConfigError(f"{path}: scheduler.{key}={value!r}: expected an integer >= "
+                              f"{least}")
+    return dict(data)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -42,9 +86,10 @@ def load_sweep(path: str | Path) -> Sweep:
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - {"metric", "mode", "trials"}
+    unknown = set(data) - {"metric", "mode", "trials", "scheduler"}
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: metric, mode, trials")
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: metric, mode, "
+                          "scheduler, trials")
     trials = data.get("trials") or {}
     if not isinstance(trials, dict) or not trials:
         raise ConfigError(f"{path}: `trials` must map trial names to override mappings")
@@ -61,8 +106,14 @@ def load_sweep(path: str | Path) -> Sweep:
             apply_overrides(GenSRConfig(), dict(overrides or {}))
         except ConfigError as exc:
             raise ConfigError(f"{path}: trial {name!r}: {exc}") from None
-    return Sweep(path.stem, metric, data.get("mode", "max"),
-                 {str(k): dict(v or {}) for k, v in trials.items()})
+    sweep = Sweep(path.stem, metric, data.get("mode", "max"),
+                  {str(k): dict(v or {}) for k, v in trials.items()},
+                  _scheduler(path, data.get("scheduler")))
+    if sweep.scheduler and sweep.validation_metric not in VALIDATION_METRICS:
+        raise ConfigError(f"{path}: a scheduler compares trials by validation during training, "
+                          f"which reports {', '.join(VALIDATION_METRICS)}; metric "
+                          f"{metric!r} has no such counterpart")
+    return sweep
 
 
 def max_concurrent_trials(cfg: GenSRConfig, resources: dict) -> int:
@@ -101,10 +152,10 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     cfg = apply_overrides(base, config["overrides"][config["trial"]])
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
-    # scored in the trial's own process: scoring workers would need resources outside the
-    # trial's reservation
-    results = evaluate_run(summary["checkpoint"], split="valid",
-                           cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
+    # the best checkpoint when the trial validated during training; scored in the trial's
+    # own process: scoring workers would need resources outside the trial's reservation
+    results = evaluate_run(summary.get("best_checkpoint") or summary["checkpoint"],
+                           split="valid", cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
     write_results(results, out / "valid_results.json")
     ray.tune.report({**flatten(results), "trial": config["trial"],
                      "step": summary["metrics"]["step"],
@@ -136,32 +187,79 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
         # No metric/mode here: Tune would demand the objective in every result, and the
         # training curves (forwarded by TuneReportCallback) come before the evaluation.
         # The winner is picked from the final results by `write_report`.
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency,
+                                        scheduler=build_scheduler(cfg, sweep)),
         run_config=ray.tune.RunConfig(name=sweep.name, storage_path=str(out / "tune")),
     )
-    grid = tuner.fit()
+    with _lenient_metric_check(bool(sweep.scheduler)):
+        grid = tuner.fit()
     rows = []
     for result in grid:
+        name = result.config["trial"]
         if result.error is not None:
-            rows.append({"trial": result.config["trial"], "error": str(result.error)})
+            rows.append({"trial": name, "error": str(result.error)})
             continue
-        rows.append({"trial": result.metrics["trial"], **{
-            k: v for k, v in result.metrics.items()
-            if "/" in k and isinstance(v, (int, float))}})
+        row = {"trial": name, **{k: v for k, v in result.metrics.items()
+                                 if "/" in k and isinstance(v, (int, float))}}
+        if "trial" not in result.metrics:  # no final evaluation: the scheduler stopped it
+            row["stopped_at_step"] = result.metrics.get("step")
+        rows.append(row)
     best = write_report(out, sweep, rows, concurrency)
     return {"best": best, "rows": rows, "experiment": str(out / "tune" / sweep.name)}
 
 
+def build_scheduler(cfg: GenSRConfig, sweep: Sweep):
+    """The sweep's Tune scheduler (None without one), after checking that every trial
+    validates during training and has a step budget for it to divide."""
+    if not sweep.scheduler:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    budgets = []
+    for name, overrides in sweep.trials.items():
+        trial = apply_overrides(cfg, overrides)
+        if not trial.train.eval_every or trial.train.max_steps < 1:
+            raise ConfigError(
+                f"sweep {sweep.name}: trial {name!r}: the {sweep.scheduler['name']} scheduler "
+                "compares trials by validation during training; set train.eval_every > 0 and "
+                f"train.max_steps (now {trial.train.eval_every} and {trial.train.max_steps})")
+        budgets.append(trial.train.max_steps)
+    settings = {k: v for k, v in sweep.scheduler.items() if k != "name"}
+    # trials report "step" with every result, validation every train.eval_every steps;
+    # results without the metric (training losses between validations) are skipped. Trials
+    # end on their own budget (stop_last_trials=False): each then evaluates its best checkpoint
+    return ASHAScheduler(time_attr="step", metric=sweep.validation_metric, mode=sweep.mode,
+                         max_t=max(budgets), stop_last_trials=False, **settings)
+
+
+@contextlib.contextmanager
+def _lenient_metric_check(on: bool):
+    """Tune refuses a result without the scheduler's metric unless told otherwise; training
+    reports losses between validations, which carry none."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    before = os.environ.get(key)
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) -> str | None:
     """report.csv (every trial, every metric), report.md (table, winner), report.png (plot)."""
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and "stopped_at_step" not in r]
+    stopped = [r for r in rows if "stopped_at_step" in r]
     best = None
     if ok:
         pick = max if sweep.mode == "max" else min
         best = pick(ok, key=lambda r: r.get(sweep.metric, float("nan")))["trial"]
-    metrics = sorted({k for r in ok for k in r if k != "trial"})
+    metrics = sorted({k for r in ok + stopped for k in r if k not in ("trial", "stopped_at_step")})
     with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["trial", "overrides", *metrics, "error"])
+        writer = csv.DictWriter(f, ["trial", "overrides", *metrics, "stopped_at_step", "error"])
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "overrides": json.dumps(sweep.trials[r["trial"]])})
@@ -173,12 +271,20 @@ def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) ->
              "| trial | overrides | " + " | ".join(shown) + " |",
              "|---|---|" + "---|" * len(shown)]
     for r in rows:
-        cells = [f"{r[m]:.4f}" if m in r else "error" for m in shown]
+        missing = "stopped" if "stopped_at_step" in r else "error"
+        cells = [f"{r[m]:.4f}" if m in r else missing for m in shown]
         lines.append(f"| {r['trial']} | `{json.dumps(sweep.trials[r['trial']])}` | "
                      + " | ".join(cells) + " |")
     lines += ["", f"**Winner: `{best}`** ({sweep.metric} = "
                   f"{next(r for r in ok if r['trial'] == best)[sweep.metric]:.4f})." if best
               else "**No trial finished.**", ""]
+    if stopped:
+        metric = sweep.validation_metric
+        lines += [f"Stopped early by the {sweep.scheduler['name']} scheduler (no final "
+                  "evaluation):", ""]
+        lines += [f"- `{r['trial']}` at step {r['stopped_at_step']}, {metric} = "
+                  f"{r.get(metric, float('nan')):.4f}" for r in stopped]
+        lines.append("")
     (out / "report.md").write_text("\n".join(lines))
     _plot(out / "report.png", sweep, ok)
     return best
