@@ -14,9 +14,10 @@ A sweep file (configs/sweeps/*.yaml) names the objective and the trials:
 
 Each trial is a Tune function trial that applies its overrides with the same function as the
 CLI (`apply_overrides`), builds and fits its own Ray Train TorchTrainer (Train metrics reach
-Tune through TuneReportCallback), then evaluates its best checkpoint on the validation split. With a scheduler, Tune compares
-the trials' validation during training (the metric's `val/` counterpart, reported every
-train.eval_every steps) and stops the poor ones early (ASHA: asynchronous successive halving).
+Tune through TuneReportCallback), then evaluates its best checkpoint on the validation split.
+With a scheduler, Tune compares the trials' validation during training (the metric's `val/`
+counterpart, reported every train.eval_every steps) and stops the poor ones early (ASHA:
+asynchronous successive halving).
 At the end the study writes report.md, report.csv and report.png into the output directory.
 """
 
