@@ -26,6 +26,7 @@ FIRST_STAGES = ("lightgcn", "sasrec", "popularity")  # dense: serve both tasks
 SEARCH_FIRST_STAGES = ("", *FIRST_STAGES, "bm25")  # "": the same as eval.first_stage
 DATASETS_TO_PREPARE = ("", "ml100k", "synthetic")  # those that need no input files
 SPLITS = ("valid", "test")
+FAISS_INDEXES = ("flat", "ivf")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 # What validation during training reports (sampled protocol, valid split): train.best_metric
@@ -65,7 +66,7 @@ RANGES: dict[str, tuple] = {
     "scale.num_to_keep": _AT_LEAST_1,
     "eval.max_examples": _NON_NEGATIVE, "eval.batch_size": _AT_LEAST_1,
     "eval.num_workers": _NON_NEGATIVE, "eval.cpus_per_worker": _POSITIVE,
-    "eval.rerank_depth": _AT_LEAST_1,
+    "eval.rerank_depth": _AT_LEAST_1, "eval.index_search_width": _AT_LEAST_1,
 }
 
 
@@ -199,6 +200,11 @@ class EvalConfig:
                           choices=FIRST_STAGES)
     first_stage_search: str = _f("", "first stage for search only (empty: first_stage; "
                                      "bm25 allowed)", choices=SEARCH_FIRST_STAGES)
+    index: str = _f("flat", "faiss index of full-catalogue retrieval: flat (exact) | ivf "
+                            "(approximate, for catalogues of millions of items; "
+                            "bench/retrieval.py measures its recall)", choices=FAISS_INDEXES)
+    index_search_width: int = _f(64, "ivf: inverted lists probed per query (more: higher "
+                                     "recall, slower)")
 
 
 @dataclass

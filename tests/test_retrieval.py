@@ -47,3 +47,39 @@ def test_exclusion_count_must_match_queries():
     index = build_ip_index(np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="exclusion"):
         topk_excluding(index, np.eye(3, dtype=np.float32), 2, [np.array([0])])
+
+
+def test_an_exclusion_list_beyond_the_search_limit_is_filtered_in_the_search():
+    # faiss-gpu answers at most 2048 neighbours; with max_k=64 standing in for it, a user who
+    # touched 300 items (and one who touched 10) still get the exact top-k of the rest
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((2000, 16)).astype(np.float32)
+    queries = rng.standard_normal((2, 16)).astype(np.float32)
+    scores = queries @ items.T
+    exclude = [np.sort(np.argsort(-scores[0])[:300]), np.sort(rng.choice(2000, 10, replace=False))]
+    got = topk_excluding(build_ip_index(items), queries, 20, exclude, max_k=64)
+    for row in range(2):
+        ranked = [i for i in np.argsort(-scores[row], kind="stable") if i not in set(exclude[row])]
+        assert got[row].tolist() == ranked[:20]
+        assert not set(got[row]) & set(exclude[row].tolist())
+
+
+def test_the_ivf_index_finds_most_of_the_exact_top_k():
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((50, 16))
+    items = (centres[rng.integers(50, size=20000)] + 0.3 * rng.standard_normal((20000, 16)))
+    items = items.astype(np.float32)
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    exclude = [rng.choice(20000, 30, replace=False) for _ in range(100)]
+    exact = topk_excluding(build_ip_index(items), queries, 10, exclude)
+    index = build_ip_index(items, "ivf", search_width=64)
+    approx = topk_excluding(index, queries, 10, exclude)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.95, recall  # 0.999 when written
+    assert all(not set(a) & set(e.tolist()) for a, e in zip(approx, exclude))
+    # a list longer than the search limit is filtered inside the IVF search too
+    long = [np.sort(rng.choice(20000, 300, replace=False))]
+    got = topk_excluding(index, queries[:1], 10, long, max_k=64)
+    assert got.shape == (1, 10) and not set(got[0]) & set(long[0].tolist())
+    with pytest.raises(ValueError, match="unknown index"):
+        build_ip_index(items, "hnsw")

@@ -102,8 +102,9 @@ def exclusions(data_dir: Path, split: str) -> dict[int, np.ndarray]:
 class DenseScorer:
     """Adapts an inner-product model (`baselines.py`) to the scorer interface."""
 
-    def __init__(self, model):
+    def __init__(self, model, index: str = "flat", search_width: int = 64):
         self.model = model
+        self.index_kind, self.search_width = index, search_width
         self.name = model.name
         self.tasks = tuple(model.tasks)
         self._items: np.ndarray | None = None
@@ -128,7 +129,8 @@ class DenseScorer:
         from gensr_ray.eval.retrieval import build_ip_index, topk_excluding
 
         if self._index is None:  # built once, reused for every task and chunk
-            self._index = build_ip_index(self._item_vectors())
+            self._index = build_ip_index(self._item_vectors(), self.index_kind,
+                                         self.search_width)
         return topk_excluding(self._index, self.model.query_vectors(batch), k, exclude_per_example)
 
 
@@ -270,8 +272,11 @@ def write_results(results: dict, path: Path) -> None:
         f.write("\n")
 
 
-def build_baselines(data_dir: Path) -> dict:
+def build_baselines(data_dir: Path, index: str = "flat", search_width: int = 64) -> dict:
     """popularity, lightgcn, sasrec and bm25 scorers for a prepared dataset.
+
+    index, search_width: the faiss index of the dense models' full-catalogue retrieval
+    (`retrieval.build_ip_index`; eval.index, eval.index_search_width).
 
     LightGCN tables are read from cf/lightgcn.npz; when that file is missing they are trained
     with the default config (train split only) and saved there, so later runs reuse them.
@@ -306,7 +311,7 @@ def build_baselines(data_dir: Path) -> dict:
             "belong to another dataset, delete the file to retrain"
         )
     models = [Popularity(counts), LightGCNBaseline(cf), SASRecBaseline(data_dir, n_items)]
-    scorers = {model.name: DenseScorer(model) for model in models}
+    scorers = {model.name: DenseScorer(model, index, search_width) for model in models}
     # an inverted index over the item texts, built when its results are first asked for
     scorers[BM25.name] = LazyScorer(BM25.name, BM25.tasks, lambda: BM25(
         [text or "" for text in items.column("text").to_pylist()]))

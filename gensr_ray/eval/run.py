@@ -47,7 +47,8 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
         check_same_data(read_state(checkpoint).get("data"), fingerprint,
                         f"checkpoint {checkpoint}")
     source, data = data, local_root(data)  # this node's copy of a dataset given as a URI
-    baselines = build_baselines(data)
+    baselines = build_baselines(data, *((cfg.eval.index, cfg.eval.index_search_width) if cfg
+                                        else ()))
     scorers = dict(baselines) if with_baselines else {}
     seed = 0
     if checkpoint is not None:
