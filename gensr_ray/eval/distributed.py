@@ -1,11 +1,12 @@
 """GenSR scoring on N Ray workers: each holds the model once, examples stream to them.
 
-`DistributedGenSRScorer` has the harness's scorer interface (gensr_ray.eval.harness), so
-both protocols use it unchanged: the sampled one scores the target and its stored negatives,
-the full-catalogue one scores the first stage's candidates (retrieved on the driver, where the
-baselines' faiss indexes are). A call becomes a Ray Data pipeline: the examples with their
-candidate lists -> `map_batches` over a pool of `eval.num_workers` scoring actors (a callable
-class, built once per actor) -> the scores, which the driver puts back in example order.
+`DistributedGenSRScorer` offers the harness's one-pass interface (gensr_ray.eval.harness):
+the sampled protocol's candidates (target and stored negatives) and the full protocol's (the
+first stage's, retrieved on the driver, where the baselines' faiss indexes are) of every task
+are scored in one Ray Data pipeline: the examples with their candidate lists ->
+`map_batches` over a pool of `eval.num_workers` scoring actors (a callable class, each
+loading the model once for the whole evaluation) -> the scores, which the driver puts back
+in order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from gensr_ray.config import GenSRConfig
-from gensr_ray.eval.gensr_scorer import GenSRScorer, rerank
+from gensr_ray.eval.gensr_scorer import GenSRScorer, first_stage_pool, rerank
 
 # examples per task sent to an actor at a time: large enough to keep it busy between calls,
 # small enough that N actors share a few thousand examples evenly
@@ -42,7 +43,8 @@ class _ScoringActor:
                     "history": [np.asarray(h, dtype=np.int64) for h in batch["history"]]}
         candidates = np.stack([np.asarray(c, dtype=np.int64) for c in batch["candidates"]])
         scores = self.scorer.score(examples, candidates)
-        return {"position": batch["position"], "scores": list(scores)}
+        return {"request": batch["request"], "position": batch["position"],
+                "scores": list(scores)}
 
 
 class DistributedGenSRScorer:
@@ -57,39 +59,57 @@ class DistributedGenSRScorer:
         self.first_stage = first_stage  # task -> a harness scorer with retrieve()
         self.depth = cfg.eval.rerank_depth
 
-    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
-        import ray.data
+    def pool(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
+        return first_stage_pool(self.first_stage, self.depth, batch, k, exclude_per_example)
 
-        e = self.cfg.eval
-        n = len(candidates)
-        if n == 0:
-            return np.zeros(np.shape(candidates), dtype=np.float32)
-        context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        table = pa.table({
-            "position": pa.array(np.arange(n), pa.int64()),
-            "task": pa.array(list(batch["task"]), pa.string()),
-            "query": pa.array(list(batch["query"]), pa.string()),
-            "history": pa.array([np.asarray(h).tolist() for h in batch["history"]],
-                                pa.list_(pa.int64())),
-            "candidates": pa.array(np.asarray(candidates).tolist(), pa.list_(pa.int64())),
-        })
-        # one block per call, made here: no task has to split the table before the actors
-        blocks = [table.slice(lo, EXAMPLES_PER_CALL) for lo in range(0, n, EXAMPLES_PER_CALL)]
-        scored = ray.data.from_arrow(blocks).map_batches(
-            _ScoringActor, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
-            fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
-            compute=ray.data.ActorPoolStrategy(size=e.num_workers),
-            num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
-        scores = np.empty(np.shape(candidates), dtype=np.float32)
-        # examples/s and ETA on the driver, for calls long enough to wait on
-        with tqdm(total=n, unit="ex", desc=f"gensr {batch['task'][0]} ({e.num_workers} workers)",
-                  mininterval=5, disable=n < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
-            for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
-                scores[part["position"]] = np.stack(part["scores"])
-                bar.update(len(part["position"]))
-        return scores
+    def score(self, batch: dict, candidates: np.ndarray) -> np.ndarray:
+        return self.score_many([(batch, candidates)])[0]
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list) -> np.ndarray:
         return rerank(self.first_stage, self.depth, self.score, batch, k, exclude_per_example)
+
+    def score_many(self, requests: list[tuple[dict, np.ndarray]]) -> list[np.ndarray]:
+        """Scores of each (examples, candidates [n, c]) request, in one pass over the pool."""
+        import ray.data
+
+        e = self.cfg.eval
+        out = [np.empty(np.shape(c), dtype=np.float32) for _, c in requests]
+        total = sum(len(c) for _, c in requests)
+        if total == 0:
+            return out
+        context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        # one block per actor call, made here: no task has to split a table before the
+        # actors, and no call mixes two requests (their candidate lists differ in width)
+        blocks = []
+        for r, (batch, candidates) in enumerate(requests):
+            table = _table(r, batch, candidates)
+            blocks += [table.slice(lo, EXAMPLES_PER_CALL)
+                       for lo in range(0, len(candidates), EXAMPLES_PER_CALL)]
+        scored = ray.data.from_arrow(blocks).map_batches(
+            _ScoringActor, batch_size=None, batch_format="numpy",
+            fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
+            compute=ray.data.ActorPoolStrategy(size=e.num_workers),
+            num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
+        # examples/s and ETA on the driver, for passes long enough to wait on
+        with tqdm(total=total, unit="ex", desc=f"gensr scoring ({e.num_workers} workers)",
+                  mininterval=5, disable=total < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
+            for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
+                request = int(part["request"][0])
+                out[request][part["position"]] = np.stack(part["scores"])
+                bar.update(len(part["position"]))
+        return out
+
+
+def _table(request: int, batch: dict, candidates: np.ndarray) -> pa.Table:
+    n = len(candidates)
+    return pa.table({
+        "request": pa.array(np.full(n, request), pa.int64()),
+        "position": pa.array(np.arange(n), pa.int64()),
+        "task": pa.array(list(batch["task"]), pa.string()),
+        "query": pa.array(list(batch["query"]), pa.string()),
+        "history": pa.array([np.asarray(h).tolist() for h in batch["history"]],
+                            pa.list_(pa.int64())),
+        "candidates": pa.array(np.asarray(candidates).tolist(), pa.list_(pa.int64())),
+    })

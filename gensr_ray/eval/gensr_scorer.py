@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gensr_ray.eval.harness import order_pool
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.losses import answer_score
 
@@ -72,12 +73,14 @@ def rerank(first_stage: dict, depth: int, score, batch: dict, k: int,
            exclude_per_example: list) -> np.ndarray:
     """The full-catalogue protocol for a reranker: the task's first stage retrieves
     max(k, depth) candidates, `score(batch, candidates)` orders them; the top k item ids."""
-    task = batch["task"][0]
-    pool = first_stage[task].retrieve(batch, max(k, depth), exclude_per_example)
-    valid = pool >= 0
-    scores = np.where(valid, score(batch, np.where(valid, pool, 0)), -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(pool, order, axis=1)
+    pool = first_stage_pool(first_stage, depth, batch, k, exclude_per_example)
+    return order_pool(pool, score(batch, np.where(pool >= 0, pool, 0)), k)
+
+
+def first_stage_pool(first_stage: dict, depth: int, batch: dict, k: int,
+                     exclude_per_example: list) -> np.ndarray:
+    """The candidates [n, max(k, depth)] the task's first stage retrieves (-1: none left)."""
+    return first_stage[batch["task"][0]].retrieve(batch, max(k, depth), exclude_per_example)
 
 
 def first_stages(cfg, baselines: dict) -> dict:

@@ -9,6 +9,11 @@ A scorer is anything with `name`, `tasks`, and
     retrieve(batch, k, exclude_per_example: list[int array]) -> item ids [n, k], best first
 so a model that is not an inner product (GenSR reranking retrieved candidates) plugs in beside the
 baselines. `DenseScorer` adapts the inner-product baselines of `baselines.py`.
+
+A reranker whose scoring is costly to start (GenSR on a pool of Ray workers) may instead offer
+    pool(batch, k, exclude_per_example) -> candidate ids [n, m] (its first stage's, -1: none)
+    score_many([(batch, candidates), ...]) -> [scores, ...]
+and the harness asks it for every task's and both protocols' scores in one call.
 """
 
 from __future__ import annotations
@@ -200,6 +205,10 @@ def evaluate(
         "models": {},
     }
     for name, scorer in scorers.items():
+        if hasattr(scorer, "score_many"):
+            results["models"][name] = _evaluate_in_one_pass(scorer, batches, excluded, ks,
+                                                            full_k)
+            continue
         per_task: dict = {}
         for task in scorer.tasks:
             if task not in batches:
@@ -220,6 +229,38 @@ def evaluate(
             log.info("evaluated %s on %s/%s (%d examples)", name, split, task, n)
         results["models"][name] = per_task
     return results
+
+
+def _evaluate_in_one_pass(scorer, batches: dict, excluded: dict, ks: tuple, full_k: int) -> dict:
+    """Both protocols of every task through one `score_many` call: the sampled candidates
+    and the first stage's pool of each task, scored together, then ranked here."""
+    tasks = [task for task in scorer.tasks if task in batches]
+    requests, pools = [], {}
+    for task in tasks:
+        batch = batches[task]
+        n = len(batch["target"])
+        pools[task] = np.concatenate([
+            scorer.pool(_chunk(batch, lo, lo + CHUNK), full_k, excluded[task][lo:lo + CHUNK])
+            for lo in range(0, n, CHUNK)])
+        sampled = np.concatenate([batch["target"][:, None], batch["negatives"]], axis=1)
+        requests += [(batch, sampled), (batch, np.where(pools[task] >= 0, pools[task], 0))]
+    scores = scorer.score_many(requests)
+    per_task = {}
+    for i, task in enumerate(tasks):
+        sampled = np.asarray(scores[2 * i], dtype=np.float64)
+        retrieved = order_pool(pools[task], scores[2 * i + 1], full_k)
+        per_task[task] = {
+            "sampled": _round(sampled_metrics(sampled_ranks(sampled[:, 0], sampled[:, 1:]), ks)),
+            "full": _round(full_metrics(retrieved, batches[task]["target"], ks)),
+        }
+    return per_task
+
+
+def order_pool(pool: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """The top k of each row of `pool` by `scores`, best first; -1 entries stay last."""
+    scores = np.where(pool >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(pool, order, axis=1)
 
 
 def format_table(results: dict) -> str:
