@@ -8,6 +8,8 @@
     gensr train --config configs/debug.yaml --out runs/debug [--set train.lr=3e-4 ...]
     gensr eval --checkpoint runs/debug --out results.json [--baselines]
     gensr tune --config configs/debug.yaml --sweep configs/sweeps/prompts.yaml --out runs/sweep
+    gensr config show --config configs/demo.yaml [--set train.lr=3e-4 ...]
+    gensr config help
 """
 
 from __future__ import annotations
@@ -158,10 +160,46 @@ def _tune(args: argparse.Namespace) -> None:
           f"Tune experiment in {study['experiment']} (tensorboard --logdir {study['experiment']})")
 
 
+def _config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from gensr_ray.config import describe_settings, load_config
+
+    if args.action == "show":
+        print(yaml.safe_dump(load_config(args.config, args.set).to_dict(), sort_keys=False),
+              end="")
+        return
+    for row in describe_settings():
+        default = "''" if row["default"] == "" else row["default"]
+        allowed = (f"; one of: {', '.join(repr(c) if c == '' else c for c in row['choices'])}"
+                   if row["choices"] else f"; {row['range']}" if row["range"] else "")
+        print(f"{row['key']}  ({row['type']}, default {default}{allowed})\n    {row['help']}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gensr_ray")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gensr", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"gensr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print a resolved config, or every setting's help")
+    p.add_argument("action", choices=["show", "help"],
+                   help="show: the config after --config and --set, as YAML; help: every "
+                        "setting with its type, default and meaning")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (show; default: "
+                                                             "the built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("prepare", help="build a dataset in the on-disk contract")
     p.add_argument("--dataset", choices=["ml100k", "synthetic", "amazon", "kuaisar"],

@@ -307,7 +307,7 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
         char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1])
         return f"line {line}: not valid YAML: character #x{char:04x} is not allowed"
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"line {mark.line + 1}: " if mark else ""
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
     problem = getattr(exc, "problem", None) or str(exc)
     tag = re.search(r"constructor for the tag '([^']*)'", problem)
     if tag:
@@ -344,5 +344,23 @@ def _split(override: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        problem = _yaml_problem(exc, raw).removeprefix("line 1: ")
+        problem = re.sub(r"^line 1, column \d+: ", "", _yaml_problem(exc, raw))
         raise ConfigError(f"override {override!r}: {problem}") from None
+
+
+def describe_settings(cls: type = GenSRConfig, where: str = "") -> list[dict]:
+    """Every setting as {"key", "type", "default", "choices", "help"}, in declaration order
+    (`gensr config help`)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_settings(hints[f.name], key)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append({"key": key, "type": hints[f.name].__name__, "default": default,
+                     "choices": f.metadata.get("choices"), "help": f.metadata.get("help", ""),
+                     "range": RANGES[key][1] if key in RANGES else None})
+    return rows
+

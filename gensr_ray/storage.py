@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from gensr_ray.atomic import atomic_directory, atomic_write_text
+from gensr_ray.atomic import atomic_directory, atomic_open, atomic_write_text
 
 # pyarrow filesystem type -> URI scheme, to turn Ray Train's (filesystem, path) into a URI
 _SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}
@@ -70,6 +70,17 @@ def write_text(path: str | Path, text: str) -> None:
     fs, inner = filesystem(path)
     with fs.open_output_stream(inner) as f:
         f.write(text.encode())
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`write_text` for bytes."""
+    if not is_uri(path):
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+        return
+    fs, inner = filesystem(path)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
 
 
 def uri_of(fs, path: str) -> str:

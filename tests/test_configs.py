@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gensr_ray.cli import main as gensr
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides, load_config
@@ -144,11 +145,12 @@ def test_every_range_names_a_real_setting_and_shipped_configs_are_in_range():
 
 # a file that is not YAML, or asks for a Python object: one line naming the file and the line
 BAD_YAML = {
-    "indent": ("train:\n  lr: 0.001\n batch_size: 2\n", "line 3: not valid YAML"),
-    "unclosed": ("model: {prompt: authors\ntrain:\n  lr: 1\n", "line 2: not valid YAML"),
-    "tab": ("train:\n\tlr: 1\n", "line 2: not valid YAML: found character '\\t'"),
+    "indent": ("train:\n  lr: 0.001\n batch_size: 2\n", "line 3, column 2: not valid YAML"),
+    "unclosed": ("model: {prompt: authors\ntrain:\n  lr: 1\n",
+                 "line 2, column 6: not valid YAML"),
+    "tab": ("train:\n\tlr: 1\n", "line 2, column 1: not valid YAML: found character '\\t'"),
     "python_tag": ("train:\n  lr: !!python/object/apply:os.system ['touch PWNED']\n",
-                   "line 2: the tag !!python/object/apply:os.system is not allowed"),
+                   "line 2, column 7: the tag !!python/object/apply:os.system is not allowed"),
 }
 
 
@@ -195,3 +197,30 @@ def test_an_override_that_is_not_yaml_is_a_config_error(tmp_path, capsys):
     assert code == 2 and "override 'model.lora_targets=[q, v': not valid YAML" in err, err
     with pytest.raises(ConfigError, match="the tag !!python/name:os.system is not allowed"):
         apply_overrides(GenSRConfig(), ["train.lr=!!python/name:os.system"])
+
+
+def test_config_show_prints_the_resolved_config_and_help_lists_every_setting(capsys):
+    from gensr_ray.config import describe_settings
+
+    assert gensr(["config", "show", "--config", str(DEBUG_CONFIG), "--set", "train.lr=3e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 3e-4 and shown["model"]["prompt"] == "minimal"
+    assert apply_overrides(GenSRConfig(), {}).to_dict().keys() == shown.keys()
+    assert gensr(["config", "help"]) == 0
+    text = capsys.readouterr().out
+    keys = [row["key"] for row in describe_settings()]
+    assert len(keys) > 60 and all(f"{key}  (" in text for key in keys)
+    assert "train.best_metric  (str, default val/mean/NDCG@10; one of: val/mean/NDCG@10" in text
+    assert "train.lr  (float, default 0.0001; > 0 (and finite))" in text
+    assert gensr(["config", "show", "--set", "train.lr=-1"]) == 2
+    assert "train.lr=-1.0 is out of range" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        gensr(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gensr {version('gensr_ray')}"
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,5 +74,12 @@ def test_eval_set_overrides_the_checkpoint_config(checkpoint, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(path), "--set", "eval.num_workers=0",
                  "--set", "eval.max_examples=3", "--out", str(out)]) == 0
     assert "seeded subset of at most 3 per task" in capsys.readouterr().out
+    # beside the JSON, the same figures as a Markdown table and a CSV
+    results = json.loads(out.read_text())
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [r["model"] for r in rows] == ["gensr"]
+    assert float(rows[0]["rec/sampled/NDCG@10"]) == results["models"]["gensr"]["rec"]["sampled"][
+        "NDCG@10"]
+    assert "| gensr | " in out.with_suffix(".md").read_text()
     assert main(["eval", "--checkpoint", str(path), "--set", "eval.num_workers=-1"]) == 2
     assert "eval.num_workers=-1 is out of range" in capsys.readouterr().err

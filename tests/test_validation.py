@@ -76,6 +76,7 @@ def test_two_workers_validate_as_the_harness_scores_and_the_best_checkpoint_is_k
     out = tmp_path / "run"
     summary = run_training(cfg, out)
 
+    assert (out / "training_curves.png").stat().st_size > 1000  # losses and validation
     validated = [r for r in _rows(out, cfg) if "val/mean/NDCG@10" in r]
     assert [r["step"] for r in validated] == [3, 6, 9]
     for row in validated:  # every validation wrote a checkpoint carrying its metrics

@@ -305,12 +305,46 @@ def format_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: Path) -> None:
-    """Write results as JSON atomically."""
-    from gensr_ray.atomic import atomic_open
+    """Write results as JSON, and beside it the same figures as a Markdown table (.md) and
+    a CSV with a row per model and a column per task/protocol/metric (.csv); atomically."""
+    from gensr_ray.atomic import atomic_open, atomic_write_text
 
+    path = Path(path)
     with atomic_open(path, "w") as f:
         json.dump(results, f, indent=2, sort_keys=False)
         f.write("\n")
+    columns = sorted({f"{task}/{protocol}/{metric}"
+                      for per_task in results["models"].values()
+                      for task, protocols in per_task.items()
+                      for protocol, metrics in protocols.items() for metric in metrics},
+                     key=_column_order)
+    rows = [[name] + [_cell(per_task, column) for column in columns]
+            for name, per_task in results["models"].items()]
+    csv_text = "\n".join(",".join(row) for row in [["model", *columns], *rows]) + "\n"
+    atomic_write_text(path.with_suffix(".csv"), csv_text)
+    shown = [c for c in columns if c.rsplit("@", 1)[1] in ("10", "20")] or columns
+    keep = [columns.index(c) + 1 for c in shown]
+    lines = [f"# Evaluation: split {results['split']}", "",
+             format_table(results).splitlines()[0], "",
+             "| model | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
+    lines += ["| " + " | ".join([row[0], *(row[i] or "-" for i in keep)]) + " |"
+              for row in rows]
+    if results.get("checkpoint"):
+        lines += ["", f"Checkpoint: `{results['checkpoint']}`"]
+    atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def _cell(per_task: dict, column: str) -> str:
+    task, protocol, metric = column.split("/")
+    value = per_task.get(task, {}).get(protocol, {}).get(metric)
+    return "" if value is None else f"{value:.4f}"
+
+
+def _column_order(column: str) -> tuple:
+    task, protocol, metric = column.split("/")
+    name, k = metric.split("@")
+    return (contract.TASKS.index(task) if task in contract.TASKS else 9, protocol != "sampled",
+            int(k), name)
 
 
 def build_baselines(data_dir: Path, index: str = "flat", search_width: int = 64) -> dict:

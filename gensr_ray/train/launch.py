@@ -33,10 +33,13 @@ from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.ray_init import ensure_ray, started_local_cluster
+from gensr_ray.train.curves import plot_training, read_metrics
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+CURVES = "training_curves.png"  # in --out: loss parts and validation against the step
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,8 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
                            best_metric=score_metric(cfg), best_value=best[0][1])
         storage.write_text(storage.join(where.out, SUMMARY),
                            json.dumps(summary, indent=2, default=float) + "\n")
+        plot_training(read_metrics(where.metrics), storage.join(where.out, CURVES),
+                      title=f"{where.name}: {cfg.model.backbone}, {cfg.model.prompt} prompt")
     return {**summary, "checkpoint": checkpoint,
             **({"best_checkpoint": best[0][0]} if best else {})}
 
