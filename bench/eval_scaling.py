@@ -25,7 +25,7 @@ from common import bench_data, quiet  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="preset:tiny-llama")
-    parser.add_argument("--prompt", default="authors")
+    parser.add_argument("--prompt", default="title_text")
     parser.add_argument("--examples", type=int, default=600, help="examples (100 candidates each)")
     parser.add_argument("--workers", type=int, default=2, help="the larger pool")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Candidates scored per second: shared prefix (KV cache + history encodings computed once per
 example) vs one full prompt per candidate (the authors' way), same model and candidates.
 
-    python bench/scoring.py                       # tiny Llama, authors' prompt, synthetic data
+    python bench/scoring.py                       # tiny Llama, title_text prompt, synthetic data
     python bench/scoring.py --backbone preset:smollm2-135m-L4 --data data/ml100k --examples 10
 
 Prints both rates, the largest score difference, and last `ratio=<shared / full>`.
@@ -22,7 +22,7 @@ from common import bench_data, quiet  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="preset:tiny-llama")
-    parser.add_argument("--prompt", default="authors")
+    parser.add_argument("--prompt", default="title_text")
     parser.add_argument("--data", default=None, help="prepared dataset (default: synthetic)")
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

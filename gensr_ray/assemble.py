@@ -25,7 +25,8 @@ def resolve_config_backbone(cfg: GenSRConfig) -> str:
     Random presets build their vocabulary from the dataset's texts."""
     spec = cfg.model.backbone
     random_preset = spec.removeprefix("preset:") in RANDOM_PRESETS
-    texts = vocabulary_texts(cfg.data.path) if random_preset else None
+    texts = vocabulary_texts(cfg.data.path, cfg.data.item_noun, cfg.data.item_noun_plural) \
+        if random_preset else None
     return str(resolve_backbone(spec, texts))
 
 

@@ -19,7 +19,7 @@ import yaml
 # The valid values of choice settings. They live here, below every module that implements
 # them, so a config is checked when it loads (CLI, sweep files, tests), not in a Ray worker;
 # the implementing modules check at import that they build exactly these.
-PROMPT_DESIGNS = ("authors", "no_history_titles", "no_soft_tokens", "minimal")
+PROMPT_DESIGNS = ("authors", "title_text", "no_history_titles", "no_soft_tokens", "minimal")
 SUBSPACES = ("shared_lora", "task_lora", "task_and_shared_lora", "full")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 FIRST_STAGES = ("lightgcn", "sasrec", "popularity")  # dense: serve both tasks
@@ -89,6 +89,9 @@ class DataConfig:
     shuffle_seed: int = _f(0, "seed of the per-epoch shuffle of training examples (-1: no shuffle)")
     allow_change: bool = _f(False, "resume or evaluate a checkpoint on a dataset or LightGCN "
                                    "tables other than those it was trained on")
+    item_noun: str = _f("item", "what the prompts call an item (the authors: book; "
+                                "MovieLens: movie)")
+    item_noun_plural: str = _f("", "its plural (empty: item_noun + s)")
 
 
 @dataclass
@@ -96,8 +99,11 @@ class ModelConfig:
     backbone: str = _f("preset:tiny-llama",
                        "local HF model directory, or preset:NAME (tiny-llama, tiny-t5, "
                        "smollm2-135m, smollm2-135m-L<n> for its first n layers)")
-    prompt: str = _f("authors", "prompt design by name (gensr_ray.inputs.prompts.PROMPTS)",
+    prompt: str = _f("authors", "prompt design by name (gensr_ray.inputs.prompts.PROMPTS; "
+                                "authors: their template exactly, no title text)",
                      choices=PROMPT_DESIGNS)
+    authors_splice_bug: bool = _f(False, "prompt=authors: splice as the authors' code does (one "
+                                         "sentence dropped, one repeated), for comparison")
     subspace: str = _f("shared_lora",
                        "shared_lora | task_lora | task_and_shared_lora | full",
                        choices=SUBSPACES)
@@ -250,7 +256,11 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
             shown = ", ".join(repr(c) if c == "" else c for c in choices)
             raise ConfigError(f"{key}={values[name]!r} is not a valid choice; expected one of: "
                               f"{shown}")
-    return cls(**values)
+    config = cls(**values)
+    if cls is GenSRConfig and config.model.authors_splice_bug and config.model.prompt != "authors":
+        raise ConfigError("model.authors_splice_bug=true applies to model.prompt=authors only "
+                          f"(got model.prompt={config.model.prompt!r})")
+    return config
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

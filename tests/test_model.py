@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from gensr_ray.config import GenSRConfig, apply_overrides
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.inputs.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
 from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention
 from gensr_ray.model.losses import answer_loss, answer_score, info_nce
@@ -125,10 +126,79 @@ def test_prompt_slots_follow_the_template_and_query_only_in_search(design):
         assert [s for s in prompt.slots if s] == [k for _, k in order]
         text = tok.decode([i for i, s in zip(prompt.ids, prompt.slots) if s == 0])
         assert ("zebra quest" in text) == (task == "search")
-        assert "gamma film" in text
+        assert ("gamma film" in text) == ("{target_title}" in template)
         assert ("alpha film" in text) == ("{history_titles}" in template)
         first_soft = next((i for i, s in enumerate(prompt.slots) if s), len(prompt.ids))
         assert prompt.prefix_len <= first_soft
+
+
+# The authors' templates as their get_prompt (GenSR/data/UnifyDataset.py) writes them.
+THEIR_TEMPLATES = {
+    "rec": """
+                    ### Question:
+                    A user has given high ratings to the following books: <ItemTitleList>. The semantic features of these books are <ItemFeatureList>.
+                    Using all available information, make a prediction about whether the user would enjoy the book <TargetItemTitle> with the semantic feature <TargetItemID>?
+                    Answer with "Yes" or "No".
+                    \n #Answer:
+                """,  # noqa: E501
+    "search": """
+                    ### Question:
+                    A user has given high ratings to the following books: <ItemTitleList>. The semantic features of these books are <ItemFeatureList>.
+                    Using all available information, make a prediction about whether the user would enjoy the book <TargetItemTitle> with the semantic feature <TargetItemID> based on the query <Query>?
+                    Answer with "Yes" or "No".
+                    \n #Answer:
+                """,  # noqa: E501
+}
+
+
+def _their_segments(task: str, query: str, splice_bug: bool) -> list[str]:
+    """The five text pieces their collator (UnifyCollator.py) cuts, whitespace runs made one
+    space; with `splice_bug` their third piece exactly as they take it."""
+    text = " ".join(THEIR_TEMPLATES[task].split()).replace("<Query>", query)
+    first, rest = text.split("<ItemTitleList>")
+    second = rest.split("<ItemFeatureList>")[0]
+    after_features = text.split("<ItemFeatureList>")[1]
+    third = after_features.split("<TargetItemTitle>")[1 if splice_bug else 0]
+    fourth = text.split("<TargetItemTitle>")[1].split("<TargetItemID>")[0]
+    fifth = text.split("<TargetItemID>")[1]
+    return [first, second, third, fourth, fifth]
+
+
+class _PunctuationTokenizer(_WordTokenizer):
+    """Words and single punctuation marks, as the tiny presets' tokenizer splits text: a
+    query inserted before "?" tokenizes the same alone as inside the template's text."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r"\w+|[^\w\s]",
+                                                                               text)]
+
+
+@pytest.mark.parametrize("splice_bug", [False, True])
+@pytest.mark.parametrize("task", ["rec", "search"])
+def test_the_authors_prompt_is_their_template_token_for_token(task, splice_bug):
+    tok = _PunctuationTokenizer()
+    titles = [tok.encode(t) for t in ("alpha film", "beta film", "gamma film")]
+    assembler = PromptAssembler(tok, "authors", titles, item_noun="book", splice_bug=splice_bug)
+    prompt = assembler.build(task, history=[0, 1], target=2, query="zebra quest")
+    ids, slots = [], []
+    for k, segment in enumerate(_their_segments(task, "zebra quest", splice_bug)):
+        if k:  # their four vectors, in their order, between the five pieces
+            ids.append(tok.pad_token_id)
+            slots.append(k)
+        ids += tok.encode(segment)
+        slots += [0] * len(tok.encode(segment))
+    assert prompt.ids == ids and prompt.slots == slots
+    text = tok.decode(prompt.ids)
+    assert "film" not in text  # no title reaches the model
+    assert ("Using all available information" in text) != splice_bug  # the dropped sentence
+    assert text.count("with the semantic feature") == (2 if splice_bug else 1)
+    assert ("zebra quest" in text) == (task == "search")
+
+
+def test_the_splice_bug_switch_needs_the_authors_prompt():
+    with pytest.raises(ConfigError, match="applies to model.prompt=authors only"):
+        apply_overrides(GenSRConfig(), {"model.prompt": "minimal",
+                                        "model.authors_splice_bug": True})
 
 
 def test_query_blind_prompts_reproduce_the_authors_bug():
@@ -242,7 +312,7 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
 
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
-        "model.prompt": "authors", "model.subspace": subspace})
+        "model.prompt": "title_text", "model.subspace": subspace})
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     for p in model.parameters():  # non-zero adapters, so routing matters
         if p.requires_grad:

@@ -52,9 +52,10 @@ class ExampleEncoder:
     """Examples (columnar dict) -> pointwise rows (columnar dict of lists)."""
 
     def __init__(self, tokenizer, items: ItemTokens, design: str, query_in_prompt: bool,
-                 append_eos: bool):
+                 append_eos: bool, item_noun: str = "item", item_plural: str = "",
+                 splice_bug: bool = False):
         self.assembler = PromptAssembler(tokenizer, design, items.prompt, query_in_prompt,
-                                         append_eos)
+                                         append_eos, item_noun, item_plural, splice_bug)
 
     def encode(self, examples: dict, candidates: np.ndarray | None = None,
                negatives_per_example: int | None = None) -> dict[str, list]:

@@ -19,63 +19,110 @@ from gensr_ray.config import PROMPT_DESIGNS
 
 SOFT_TOKENS = ("<CF_HIST>", "<SEM_HIST>", "<CF_TARGET>", "<TITLE_EMB>")  # slots 1..4
 TEXT_FIELDS = ("{history_titles}", "{target_title}", "{query}")
-BLIND_QUERY = "<query>"  # what query-blind search prompts show (the authors' bug)
+BLIND_QUERY = "<Query>"  # what query-blind search prompts show (the authors' bug)
+# {item} and {items} stand for the dataset's item noun (data.item_noun: "book" on Kindle,
+# "movie" on MovieLens), filled in before a template is split.
 
-_AUTHORS_HEAD = ("A user has given high ratings to the following items: {history_titles}. "
-                 "The semantic features of these items are <SEM_HIST>, and their collaborative "
-                 "features are <CF_HIST>. ")
-_AUTHORS_ITEM = ("the item {target_title} with the semantic feature <TITLE_EMB> and the "
-                 "collaborative feature <CF_TARGET>")
+# The authors' template (get_prompt in their UnifyDataset.py), whitespace runs made single
+# spaces; their placeholders <ItemTitleList>, <ItemFeatureList>, <TargetItemTitle>,
+# <TargetItemID> are, in their model, the CF history, the semantic history, the candidate's CF
+# vector and the candidate's mean title embedding: no title text reaches the model.
+_AUTHORS_ASK = ("### Question: A user has given high ratings to the following {items}: "
+                "<CF_HIST>. The semantic features of these {items} are <SEM_HIST>. Using all "
+                "available information, make a prediction about whether the user would enjoy "
+                "the {item} <CF_TARGET> with the semantic feature <TITLE_EMB>")
+_AUTHORS_END = '? Answer with "Yes" or "No". #Answer:'
+
+_HEAD = ("A user has given high ratings to the following {items}: {history_titles}. "
+         "The semantic features of these {items} are <SEM_HIST>, and their collaborative "
+         "features are <CF_HIST>. ")
+_ITEM = ("the {item} {target_title} with the semantic feature <TITLE_EMB> and the "
+         "collaborative feature <CF_TARGET>")
 _ANSWER = ' Answer with "Yes" or "No". Answer:'
 
 PROMPTS: dict[str, dict[str, str]] = {
-    # The authors' wording, in structure, with the query actually inserted.
+    # The authors' input exactly: their wording, the four vectors in their places, no titles.
     "authors": {
-        "rec": _AUTHORS_HEAD + "Would the user enjoy " + _AUTHORS_ITEM + "?" + _ANSWER,
-        "search": _AUTHORS_HEAD + 'Based on the query "{query}", would the user enjoy '
-                  + _AUTHORS_ITEM + "?" + _ANSWER,
+        "rec": _AUTHORS_ASK + _AUTHORS_END,
+        "search": _AUTHORS_ASK + " based on the query {query}" + _AUTHORS_END,
     },
-    # The authors' wording without the history titles: shorter, the views carry the history.
+    # Our variant: the authors' wording with the history titles and the candidate's title
+    # written as text (an LLM reads titles), the soft tokens beside them.
+    "title_text": {
+        "rec": _HEAD + "Would the user enjoy " + _ITEM + "?" + _ANSWER,
+        "search": _HEAD + 'Based on the query "{query}", would the user enjoy ' + _ITEM + "?"
+                  + _ANSWER,
+    },
+    # title_text without the history titles: shorter, the views carry the history.
     "no_history_titles": {
         "rec": "A user's history has semantic features <SEM_HIST> and collaborative features "
-               "<CF_HIST>. Would the user enjoy " + _AUTHORS_ITEM + "?" + _ANSWER,
+               "<CF_HIST>. Would the user enjoy " + _ITEM + "?" + _ANSWER,
         "search": "A user's history has semantic features <SEM_HIST> and collaborative "
                   'features <CF_HIST>. Based on the query "{query}", would the user enjoy '
-                  + _AUTHORS_ITEM + "?" + _ANSWER,
+                  + _ITEM + "?" + _ANSWER,
     },
     # Text only: titles and query, no soft tokens (the views are unused).
     "no_soft_tokens": {
-        "rec": "A user has given high ratings to the following items: {history_titles}. "
-               "Would the user enjoy the item {target_title}?" + _ANSWER,
-        "search": "A user has given high ratings to the following items: {history_titles}. "
-                  'Based on the query "{query}", would the user enjoy the item '
+        "rec": "A user has given high ratings to the following {items}: {history_titles}. "
+               "Would the user enjoy the {item} {target_title}?" + _ANSWER,
+        "search": "A user has given high ratings to the following {items}: {history_titles}. "
+                  'Based on the query "{query}", would the user enjoy the {item} '
                   "{target_title}?" + _ANSWER,
     },
     # As short as it gets: the soft tokens, the candidate title and the query.
     "minimal": {
-        "rec": "user <CF_HIST> <SEM_HIST> item {target_title} <CF_TARGET> <TITLE_EMB> "
+        "rec": "user <CF_HIST> <SEM_HIST> {item} {target_title} <CF_TARGET> <TITLE_EMB> "
                "enjoy? Answer:",
-        "search": "query {query} user <CF_HIST> <SEM_HIST> item {target_title} <CF_TARGET> "
+        "search": "query {query} user <CF_HIST> <SEM_HIST> {item} {target_title} <CF_TARGET> "
                   "<TITLE_EMB> relevant? Answer:",
     },
 }
+DESCRIPTIONS = {
+    "authors": "the authors' template exactly: four soft vectors at its four placeholders, no "
+               "title text (model.authors_splice_bug reproduces their splice)",
+    "title_text": "the authors' wording plus the history titles and the candidate title as "
+                  "text, beside the four soft tokens (our variant)",
+    "no_history_titles": "title_text without the history titles",
+    "no_soft_tokens": "titles and query as text only; the two views are unused",
+    "minimal": "a few words around the soft tokens, the candidate title and the query",
+}
 
-if tuple(PROMPTS) != PROMPT_DESIGNS:
-    raise ImportError("gensr_ray.config.PROMPT_DESIGNS must list the designs of PROMPTS")
+if tuple(PROMPTS) != PROMPT_DESIGNS or set(DESCRIPTIONS) != set(PROMPTS):
+    raise ImportError("gensr_ray.config.PROMPT_DESIGNS must list the designs of PROMPTS, "
+                      "each described in DESCRIPTIONS")
 
 _PIECE = re.compile("(" + "|".join(re.escape(p) for p in SOFT_TOKENS + TEXT_FIELDS) + ")")
 
 
-def template_pieces(design: str, task: str) -> list[str]:
-    """The template split into static text and placeholders, in order."""
+def template_pieces(design: str, task: str, item_noun: str = "item",
+                    item_plural: str = "", splice_bug: bool = False) -> list[str]:
+    """The template split into static text and placeholders, in order, the item noun filled
+    in. `splice_bug` (authors design only) replaces the text between <SEM_HIST> and
+    <CF_TARGET> by what the authors' collator passes there: UnifyCollator.py takes the text
+    after <TargetItemTitle> where it means the text before it, so the question's sentence is
+    dropped and its end repeated, their last placeholder's name left in as text."""
     if design not in PROMPTS:
         raise ValueError(f"unknown prompt design {design!r}; known: {sorted(PROMPTS)}")
-    return [p for p in _PIECE.split(PROMPTS[design][task]) if p]
+    template = fill_nouns(PROMPTS[design][task], item_noun, item_plural)
+    if splice_bug:
+        if design != "authors":
+            raise ValueError("model.authors_splice_bug applies to model.prompt=authors only")
+        before, rest = template.split("<SEM_HIST>")
+        after_target = rest.split("<CF_TARGET>")[1]
+        template = (before + "<SEM_HIST>" + after_target.replace("<TITLE_EMB>", "<TargetItemID>")
+                    + "<CF_TARGET>" + after_target)
+    return [p for p in _PIECE.split(template) if p]
 
 
-def all_template_text() -> list[str]:
+def fill_nouns(template: str, item_noun: str, item_plural: str = "") -> str:
+    return template.replace("{items}", item_plural or item_noun + "s").replace("{item}",
+                                                                            item_noun)
+
+
+def all_template_text(item_noun: str = "item", item_plural: str = "") -> list[str]:
     """Every template's text (tiny backbones build their vocabulary from it)."""
-    return [t for design in PROMPTS.values() for t in design.values()] + [BLIND_QUERY]
+    return [fill_nouns(t, item_noun, item_plural) for design in PROMPTS.values()
+            for t in design.values()] + [BLIND_QUERY, "<TargetItemID>"]
 
 
 @dataclass
@@ -92,7 +139,8 @@ class PromptAssembler:
     """Builds prompt token ids from pre-tokenized pieces for one design and tokenizer."""
 
     def __init__(self, tokenizer, design: str, title_ids: list[list[int]],
-                 query_in_prompt: bool = True, append_eos: bool = False):
+                 query_in_prompt: bool = True, append_eos: bool = False,
+                 item_noun: str = "item", item_plural: str = "", splice_bug: bool = False):
         self.tokenizer = tokenizer
         self.title_ids = title_ids  # per item, already cut to the prompt title length
         self.query_in_prompt = query_in_prompt
@@ -102,7 +150,7 @@ class PromptAssembler:
         for task in ("search", "rec"):
             self.pieces[task] = [
                 p if p in SOFT_TOKENS or p in TEXT_FIELDS else self._encode(p)
-                for p in template_pieces(design, task)
+                for p in template_pieces(design, task, item_noun, item_plural, splice_bug)
             ]
 
 
