@@ -1,120 +1,29 @@
 """Ray Tune ablation studies: named trials of config overrides, each a full training run.
 
-A sweep file (configs/sweeps/*.yaml) names the objective and the trials:
-
-    metric: mean/sampled/NDCG@10     # task/protocol/metric on the validation split, or mean/...
-    mode: max
-    scheduler:                       # optional: stop poor trials early (needs train.eval_every)
-      name: asha
-      grace_period: 200              # optimizer steps every trial runs before it may be stopped
-      reduction_factor: 2
-    trials:
-      authors: {model.prompt: authors}
-      minimal: {model.prompt: minimal}
-
-Each trial is a Tune function trial that applies its overrides with the same function as the
-CLI (`apply_overrides`), builds and fits its own Ray Train TorchTrainer (Train metrics reach
+A sweep file (gensr_ray.sweep) names the objective, the trials and optionally seeds and a
+scheduler. Each trial (once per seed) is a Tune function trial that applies its overrides with
+the same function as the CLI (`apply_overrides`), builds and fits its own Ray Train TorchTrainer (Train metrics reach
 Tune through TuneReportCallback), then evaluates its best checkpoint on the validation split.
 With a scheduler, Tune compares the trials' validation during training (the metric's `val/`
 counterpart, reported every train.eval_every steps) and stops the poor ones early (ASHA:
 asynchronous successive halving).
-At the end the study writes report.md, report.csv and report.png into the output directory.
+At the end the study writes its report (gensr_ray.study_report) into the output directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from gensr_ray.config import (
-    VALIDATION_METRICS,
-    ConfigError,
-    GenSRConfig,
-    apply_overrides,
-    read_yaml,
-)
+from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
+from gensr_ray.study_report import write_report
+from gensr_ray.sweep import Sweep, load_sweep
+
+__all__ = ["Sweep", "build_scheduler", "load_sweep", "max_concurrent_trials", "run_study"]
 
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only drives its trainer (0 is refused)
-
-
-@dataclass
-class Sweep:
-    name: str
-    metric: str
-    mode: str
-    trials: dict[str, dict]
-    scheduler: dict = field(default_factory=dict)  # {} or {"name": "asha", ...}
-
-    @property
-    def validation_metric(self) -> str:
-        """What validation during training reports for `metric` (sampled protocol)."""
-        task, protocol, name = self.metric.split("/")
-        return f"val/{task}/{name}" if protocol == "sampled" else ""
-
-
-SCHEDULERS = {"asha": {"grace_period": 1, "reduction_factor": 2}}  # settings: their minimum
-
-
-def _scheduler(path: Path, data) -> dict:
-    if data is None:
-        return {}
-    if not isinstance(data, dict) or data.get("name") not in SCHEDULERS:
-        raise ConfigError(f"{path}: scheduler must be a mapping with name: one of "
-                          f"{sorted(SCHEDULERS)}")
-    limits = SCHEDULERS[data["name"]]
-    unknown = set(data) - {"name", *limits}
-    if unknown:
-        raise ConfigError(f"{path}: scheduler: unknown key(s) {sorted(unknown)}; known: name, "
-                          + ", ".join(limits))
-    for key, least in limits.items():
-        value = data.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < least):
-            raise ConfigError(f"{path}: scheduler.{key}={value!r}: expected an integer >= "
-                              f"{least}")
-    return dict(data)
-
-
-def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    data = read_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - {"metric", "mode", "trials", "scheduler"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: metric, mode, "
-                          "scheduler, trials")
-    trials = data.get("trials") or {}
-    if not isinstance(trials, dict) or not trials:
-        raise ConfigError(f"{path}: `trials` must map trial names to override mappings")
-    if data.get("mode", "max") not in ("max", "min"):
-        raise ConfigError(f"{path}: mode must be max or min")
-    metric = data.get("metric", "mean/sampled/NDCG@10")
-    if not isinstance(metric, str) or len(metric.split("/")) != 3:
-        raise ConfigError(f"{path}: metric {metric!r} must look like task/protocol/metric")
-    for name, overrides in trials.items():
-        if not isinstance(overrides or {}, dict):
-            raise ConfigError(f"{path}: trial {name!r}: expected a mapping of overrides, got "
-                              f"{overrides!r}")
-        try:
-            apply_overrides(GenSRConfig(), dict(overrides or {}))
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: trial {name!r}: {exc}") from None
-    sweep = Sweep(path.stem, metric, data.get("mode", "max"),
-                  {str(k): dict(v or {}) for k, v in trials.items()},
-                  _scheduler(path, data.get("scheduler")))
-    if sweep.scheduler and sweep.validation_metric not in VALIDATION_METRICS:
-        raise ConfigError(f"{path}: a scheduler compares trials by validation during training, "
-                          f"which reports {', '.join(VALIDATION_METRICS)}; metric "
-                          f"{metric!r} has no such counterpart")
-    return sweep
 
 
 def max_concurrent_trials(cfg: GenSRConfig, resources: dict) -> int:
@@ -151,6 +60,9 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     from gensr_ray.train.launch import run_training
 
     cfg = apply_overrides(base, config["overrides"][config["trial"]])
+    seed = config.get("seed")
+    if seed is not None:  # one run of a multi-seed trial
+        cfg = apply_overrides(cfg, {"train.seed": seed})
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
     # the best checkpoint when the trial validated during training; scored in the trial's
@@ -158,9 +70,10 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     results = evaluate_run(summary.get("best_checkpoint") or summary["checkpoint"],
                            split="valid", cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
     write_results(results, out / "valid_results.json")
-    ray.tune.report({**flatten(results), "trial": config["trial"],
+    ray.tune.report({**flatten(results), "trial": config["trial"], "seed": cfg.train.seed,
                      "step": summary["metrics"]["step"],
-                     "checkpoint": summary["checkpoint"]})
+                     "checkpoint": summary["checkpoint"],
+                     "results": str(out / "valid_results.json")})
 
 
 def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
@@ -184,7 +97,8 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, trial_resources),
         param_space={"overrides": sweep.trials,
-                     "trial": ray.tune.grid_search(list(sweep.trials))},
+                     "trial": ray.tune.grid_search(list(sweep.trials)),
+                     **({"seed": ray.tune.grid_search(sweep.seeds)} if sweep.seeds else {})},
         # No metric/mode here: Tune would demand the objective in every result, and the
         # training curves (forwarded by TuneReportCallback) come before the evaluation.
         # The winner is picked from the final results by `write_report`.
@@ -198,10 +112,14 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     for result in grid:
         name = result.config["trial"]
         if result.error is not None:
-            rows.append({"trial": name, "error": str(result.error)})
+            rows.append({"trial": name, "seed": result.config.get("seed", cfg.train.seed),
+                         "error": str(result.error)})
             continue
-        row = {"trial": name, **{k: v for k, v in result.metrics.items()
-                                 if "/" in k and isinstance(v, (int, float))}}
+        row = {"trial": name, "seed": result.config.get("seed", cfg.train.seed),
+               **{k: v for k, v in result.metrics.items()
+                  if "/" in k and isinstance(v, (int, float))}}
+        if "results" in result.metrics:
+            row["results"] = result.metrics["results"]
         if "trial" not in result.metrics:  # no final evaluation: the scheduler stopped it
             row["stopped_at_step"] = result.metrics.get("step")
         rows.append(row)
@@ -248,66 +166,3 @@ def _lenient_metric_check(on: bool):
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
-
-
-def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) -> str | None:
-    """report.csv (every trial, every metric), report.md (table, winner), report.png (plot)."""
-    ok = [r for r in rows if "error" not in r and "stopped_at_step" not in r]
-    stopped = [r for r in rows if "stopped_at_step" in r]
-    best = None
-    if ok:
-        pick = max if sweep.mode == "max" else min
-        best = pick(ok, key=lambda r: r.get(sweep.metric, float("nan")))["trial"]
-    metrics = sorted({k for r in ok + stopped for k in r if k not in ("trial", "stopped_at_step")})
-    with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["trial", "overrides", *metrics, "stopped_at_step", "error"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "overrides": json.dumps(sweep.trials[r["trial"]])})
-    shown = [m for m in metrics if m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")
-             and m.split("/")[0] in ("search", "rec")]
-    lines = [f"# Sweep `{sweep.name}`", "",
-             f"Objective: `{sweep.metric}` ({sweep.mode}) on the validation split; "
-             f"{len(rows)} trials, {concurrency} at a time.", "",
-             "| trial | overrides | " + " | ".join(shown) + " |",
-             "|---|---|" + "---|" * len(shown)]
-    for r in rows:
-        missing = "stopped" if "stopped_at_step" in r else "error"
-        cells = [f"{r[m]:.4f}" if m in r else missing for m in shown]
-        lines.append(f"| {r['trial']} | `{json.dumps(sweep.trials[r['trial']])}` | "
-                     + " | ".join(cells) + " |")
-    lines += ["", f"**Winner: `{best}`** ({sweep.metric} = "
-                  f"{next(r for r in ok if r['trial'] == best)[sweep.metric]:.4f})." if best
-              else "**No trial finished.**", ""]
-    if stopped:
-        metric = sweep.validation_metric
-        lines += [f"Stopped early by the {sweep.scheduler['name']} scheduler (no final "
-                  "evaluation):", ""]
-        lines += [f"- `{r['trial']}` at step {r['stopped_at_step']}, {metric} = "
-                  f"{r.get(metric, float('nan')):.4f}" for r in stopped]
-        lines.append("")
-    (out / "report.md").write_text("\n".join(lines))
-    _plot(out / "report.png", sweep, ok)
-    return best
-
-
-def _plot(path: Path, sweep: Sweep, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = sweep.metric.split("/", 1)[1]  # protocol/metric, shown for both tasks
-    names = [r["trial"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.5))
-    width = 0.38
-    for offset, task in ((-width / 2, "search"), (width / 2, "rec")):
-        values = [r.get(f"{task}/{key}", 0.0) for r in rows]
-        ax.bar([i + offset for i in range(len(rows))], values, width, label=task)
-    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
-    ax.set_ylabel(key)
-    ax.set_title(f"sweep {sweep.name}: {key} on validation")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,6 +1,6 @@
 """The package's imports run one way, top to bottom (README, "Layout"):
 
-    cli, jobs -> study -> prepare, train.launch -> train.loop -> train.validation, eval.run
+    cli, jobs -> study -> study_report -> sweep -> prepare, train.launch -> train.loop -> train.validation, eval.run
       -> train.strategy, train.dataset, eval.* -> assemble -> model, inputs, cf
       -> data.*, checkpoint -> data.contract -> storage -> config, atomic
 
@@ -24,9 +24,10 @@ LAYERS = [
     ("gensr_ray.train.strategy", 6), ("gensr_ray.train.dataset", 6), ("gensr_ray.eval", 6),
     ("gensr_ray.train.validation", 7), ("gensr_ray.train.curves", 7), ("gensr_ray.train.loop", 8), ("gensr_ray.eval.run", 7),
     ("gensr_ray.train.launch", 9), ("gensr_ray.prepare", 9),
-    ("gensr_ray.study", 10),
-    ("gensr_ray.cli", 11),
-    ("jobs", 12),
+    ("gensr_ray.sweep", 10), ("gensr_ray.study_report", 11),
+    ("gensr_ray.study", 12),
+    ("gensr_ray.cli", 13),
+    ("jobs", 14),
 ]
 # the plain-torch model reads no files and builds no inputs
 MODEL_MAY_IMPORT = ("gensr_ray.config", "gensr_ray.atomic", "gensr_ray.storage",

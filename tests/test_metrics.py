@@ -87,3 +87,26 @@ def test_full_metrics_hand_made():
 def test_full_metrics_rejects_k_beyond_retrieved():
     with pytest.raises(ValueError, match="K=20"):
         full_metrics(np.zeros((2, 10), dtype=int), np.zeros(2, dtype=int), ks=(10, 20))
+
+
+def test_per_example_metrics_average_to_the_sampled_metrics():
+    from gensr_ray.eval.paired import per_example
+
+    ranks = np.array([0, 3, 9, 10, 57, 1])
+    for metric, value in sampled_metrics(ranks, (10,)).items():
+        assert per_example(ranks, metric).mean() == pytest.approx(value)
+
+
+def test_paired_bootstrap_finds_a_real_shift_and_not_a_null_one():
+    from gensr_ray.eval.paired import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    noise = [rng.normal(0, 0.3, 400), rng.normal(0, 0.3, 300)]
+    shifted = paired_bootstrap([n + 0.1 for n in noise], resamples=2000)
+    assert shifted["p"] < 0.01 and 0 < shifted["low"] < 0.1 < shifted["high"]
+    assert shifted["difference"] == pytest.approx(np.mean([np.mean(n) + 0.1 for n in noise]))
+    null = paired_bootstrap(noise, resamples=2000)
+    assert null["p"] > 0.05 and null["low"] < 0 < null["high"]
+    assert paired_bootstrap([np.zeros(5)])["p"] == 1.0  # identical runs: no difference
+    with pytest.raises(ValueError, match="at least one paired example"):
+        paired_bootstrap([np.zeros(0)])

@@ -7,10 +7,12 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from gensr_ray.config import apply_overrides, load_config
+from gensr_ray.eval.paired import per_example
 from gensr_ray.study import load_sweep, run_study
 
 ROOT = Path(__file__).parent.parent
@@ -61,7 +63,7 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
     assert not stopped["search/sampled/NDCG@10"]  # never evaluated at the end
     report = (tmp_path / "study" / "report.md").read_text()
     assert study["best"] == "lambda_0" and "Winner: `lambda_0`" in report
-    assert "- `uninformed` at step 2" in report
+    assert "- `uninformed` (seed 42) at step 2" in report
     assert (tmp_path / "study" / "report.png").stat().st_size > 1000
     experiment = Path(study["experiment"])  # Tune's own results stay browsable
     assert len(list(experiment.glob("*/result.json"))) == 2
@@ -95,3 +97,64 @@ def test_tune_out_on_object_storage_points_to_the_storage_setting(capsys):
                  "--sweep", str(ROOT / "configs" / "sweeps" / "prompts.yaml"),
                  "--out", "s3://bucket/study"]) == 2
     assert "scale.storage_path=s3://" in capsys.readouterr().err
+
+
+def test_a_multi_seed_report_gives_mean_std_and_a_paired_interval(tmp_path):
+    # three trials x three seeds, evaluated on the same 300 examples per task: `better` ranks
+    # every target 2 places higher than `base` does, `same` ranks them as `base` does
+    import json
+
+    from gensr_ray.study_report import write_report
+    from gensr_ray.sweep import Sweep
+
+    rng = np.random.default_rng(0)
+    base_ranks = {t: rng.integers(0, 30, 300) for t in ("search", "rec")}
+    shift = {"base": 0, "better": 2, "same": 0}
+    rows = []
+    for trial in shift:
+        for seed in (1, 2, 3):
+            noise = {t: rng.integers(0, 2, 300) for t in base_ranks}  # seed-to-seed spread
+            ranks = {t: np.maximum(0, r - shift[trial] + noise[t]) for t, r in base_ranks.items()}
+            path = tmp_path / f"{trial}-{seed}.json"
+            path.write_text(json.dumps({"sampled_ranks": {"gensr": {
+                t: r.tolist() for t, r in ranks.items()}}}))
+            rows.append({"trial": trial, "seed": seed, "results": str(path), **{
+                f"{t}/sampled/NDCG@10": float(per_example(r, "NDCG@10").mean())
+                for t, r in ranks.items()}})
+    for row in rows:
+        row["mean/sampled/NDCG@10"] = (row["search/sampled/NDCG@10"]
+                                       + row["rec/sampled/NDCG@10"]) / 2
+    sweep = Sweep("seeds", "mean/sampled/NDCG@10", "max", {t: {} for t in shift},
+                  seeds=[1, 2, 3], reference="base")
+    assert write_report(tmp_path, sweep, rows, 1) == "better"
+
+    summary = {r["trial"]: r for r in csv.DictReader((tmp_path / "report_summary.csv").open())}
+    values = [r["mean/sampled/NDCG@10"] for r in rows if r["trial"] == "better"]
+    assert float(summary["better"]["mean/sampled/NDCG@10 mean"]) == pytest.approx(
+        np.mean(values), abs=1e-6)
+    assert float(summary["better"]["mean/sampled/NDCG@10 std"]) == pytest.approx(
+        np.std(values, ddof=1), abs=1e-6)
+    better, same = summary["better"], summary["same"]
+    assert float(better["p"]) < 0.01 and float(better["ci_low"]) > 0
+    assert float(same["ci_low"]) < 0 < float(same["ci_high"]) and float(same["p"]) > 0.05
+    assert summary["base"]["p"] == ""  # the reference is not compared with itself
+    report = (tmp_path / "report.md").read_text()
+    assert "seeds [1, 2, 3]" in report and " ± " in report
+    assert "Paired comparison with `base`" in report and "| better | +" in report
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert len(list(csv.DictReader((tmp_path / "report.csv").open()))) == 9
+
+
+def test_a_sweep_names_seeds_and_a_reference_that_exists(tmp_path):
+    from gensr_ray.config import ConfigError
+
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"seeds": [1, 2], "trials": {"a": {}, "b": {}}}))
+    sweep = load_sweep(sweep_file)
+    assert sweep.seeds == [1, 2] and sweep.reference == "a"
+    for bad, message in (({"seeds": [1, 1]}, "distinct integers"),
+                         ({"seeds": "1,2"}, "distinct integers"),
+                         ({"reference": "c"}, "reference 'c' is not a trial")):
+        sweep_file.write_text(yaml.safe_dump({**bad, "trials": {"a": {}, "b": {}}}))
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(sweep_file)

@@ -179,7 +179,8 @@ def evaluate(
 
     full_k: how many items to retrieve in the full protocol (default and minimum: max(ks)).
     Returns {"split", "num_examples": {task: n}, "models": {name: {task: {"sampled": {...},
-    "full": {...}}}}}, floats rounded to 4 decimals.
+    "full": {...}}}}, "sampled_ranks": {name: {task: [rank per example]}}}, floats rounded
+    to 4 decimals.
     """
     ks = tuple(sorted(set(ks)))
     full_k = max(ks) if full_k is None else full_k
@@ -203,11 +204,15 @@ def evaluate(
         "num_examples": {task: len(batches[task]["target"]) if task in batches else 0
                          for task in contract.TASKS},
         "models": {},
+        # each example's 0-based sampled rank, in the stored order of the (seeded) examples:
+        # what paired comparisons between models or runs resample
+        "sampled_ranks": {},
     }
     for name, scorer in scorers.items():
+        ranks_of = results["sampled_ranks"][name] = {}
         if hasattr(scorer, "score_many"):
             results["models"][name] = _evaluate_in_one_pass(scorer, batches, excluded, ks,
-                                                            full_k)
+                                                            full_k, ranks_of)
             continue
         per_task: dict = {}
         for task in scorer.tasks:
@@ -222,6 +227,7 @@ def evaluate(
                 scores = np.asarray(scorer.score(part, candidates), dtype=np.float64)
                 ranks.append(sampled_ranks(scores[:, 0], scores[:, 1:]))
                 retrieved.append(scorer.retrieve(part, full_k, excluded[task][lo : lo + CHUNK]))
+            ranks_of[task] = np.concatenate(ranks).tolist()
             per_task[task] = {
                 "sampled": _round(sampled_metrics(np.concatenate(ranks), ks)),
                 "full": _round(full_metrics(np.concatenate(retrieved), batch["target"], ks)),
@@ -231,7 +237,8 @@ def evaluate(
     return results
 
 
-def _evaluate_in_one_pass(scorer, batches: dict, excluded: dict, ks: tuple, full_k: int) -> dict:
+def _evaluate_in_one_pass(scorer, batches: dict, excluded: dict, ks: tuple, full_k: int,
+                          ranks_of: dict) -> dict:
     """Both protocols of every task through one `score_many` call: the sampled candidates
     and the first stage's pool of each task, scored together, then ranked here."""
     tasks = [task for task in scorer.tasks if task in batches]
@@ -248,9 +255,11 @@ def _evaluate_in_one_pass(scorer, batches: dict, excluded: dict, ks: tuple, full
     per_task = {}
     for i, task in enumerate(tasks):
         sampled = np.asarray(scores[2 * i], dtype=np.float64)
+        ranks = sampled_ranks(sampled[:, 0], sampled[:, 1:])
+        ranks_of[task] = ranks.tolist()
         retrieved = order_pool(pools[task], scores[2 * i + 1], full_k)
         per_task[task] = {
-            "sampled": _round(sampled_metrics(sampled_ranks(sampled[:, 0], sampled[:, 1:]), ks)),
+            "sampled": _round(sampled_metrics(ranks, ks)),
             "full": _round(full_metrics(retrieved, batches[task]["target"], ks)),
         }
     return per_task

@@ -1,0 +1,184 @@
+"""A study's report: report.csv (every run), report_summary.csv and report.md (per trial: mean
+and standard deviation over seeds, and a paired comparison with the reference trial), and
+report.png (the objective per task, with error bars over seeds).
+
+The paired comparison resamples examples: every trial is evaluated on the same validation
+examples with the same stored negatives, so per example the trial's metric (averaged over its
+seeds) minus the reference's is a paired difference (gensr_ray.eval.paired).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gensr_ray.eval.paired import paired_bootstrap, per_example
+from gensr_ray.sweep import Sweep
+
+TASKS = ("search", "rec")
+
+
+def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) -> str | None:
+    """Write the report files; the winning trial by the mean of the objective (None when no
+    trial finished)."""
+    ok = [r for r in rows if "error" not in r and "stopped_at_step" not in r]
+    stopped = [r for r in rows if "stopped_at_step" in r]
+    metrics = sorted({k for r in ok + stopped for k in r if "/" in k})
+    _runs_csv(out / "report.csv", sweep, rows, metrics)
+    runs = {name: [r for r in ok if r["trial"] == name] for name in sweep.trials}
+    summary = {name: _mean_std(group, metrics) for name, group in runs.items() if group}
+    comparisons = _compare(sweep, runs)
+    best = None
+    if summary:
+        pick = max if sweep.mode == "max" else min
+        best = pick(summary, key=lambda n: summary[n].get(sweep.metric, (math.nan,))[0])
+    _summary_csv(out / "report_summary.csv", sweep, summary, comparisons, metrics)
+    lines = _markdown(sweep, rows, summary, comparisons, metrics, concurrency, best, stopped)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "report.png", sweep, summary)
+    return best
+
+
+def _mean_std(group: list[dict], metrics: list[str]) -> dict[str, tuple[float, float, int]]:
+    out = {}
+    for m in metrics:
+        values = [r[m] for r in group if m in r]
+        if values:
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            out[m] = (float(np.mean(values)), std, len(values))
+    return out
+
+
+def _compare(sweep: Sweep, runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each trial against the reference on the objective, paired per example."""
+    task, protocol, metric = sweep.metric.split("/")
+    if protocol != "sampled" or not runs.get(sweep.reference):
+        return {}
+    tasks = TASKS if task == "mean" else (task,)
+    reference = _per_example(runs[sweep.reference], tasks, metric)
+    out = {}
+    for name, group in runs.items():
+        if name == sweep.reference or not group or not reference:
+            continue
+        mine = _per_example(group, tasks, metric)
+        if not mine:
+            continue
+        if any(len(mine[t]) != len(reference[t]) for t in mine if t in reference):
+            raise ValueError(f"trial {name!r} was evaluated on other examples than "
+                             f"{sweep.reference!r}; a paired comparison needs the same ones")
+        shared = [t for t in mine if t in reference]
+        out[name] = paired_bootstrap([mine[t] - reference[t] for t in shared])
+    return out
+
+
+def _per_example(group: list[dict], tasks: tuple, metric: str) -> dict[str, np.ndarray]:
+    """Per task, each example's metric averaged over the runs (seeds) of a trial."""
+    per_run = []
+    for r in group:
+        if "results" not in r:
+            return {}
+        ranks = json.loads(Path(r["results"]).read_text()).get("sampled_ranks", {}).get("gensr")
+        if not ranks:
+            return {}
+        per_run.append({t: per_example(ranks[t], metric) for t in tasks if t in ranks})
+    return {t: np.mean([run[t] for run in per_run], axis=0) for t in per_run[0]}
+
+
+def _runs_csv(path: Path, sweep: Sweep, rows: list[dict], metrics: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["trial", "seed", "overrides", *metrics, "stopped_at_step",
+                                    "error"], extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "overrides": json.dumps(sweep.trials[r["trial"]])})
+
+
+def _summary_csv(path: Path, sweep: Sweep, summary: dict, comparisons: dict,
+                 metrics: list[str]) -> None:
+    head = ["trial", "seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
+    head += [f"{sweep.metric} minus {sweep.reference}", "ci_low", "ci_high", "p"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(head)
+        for name, stats in summary.items():
+            seeds = max(n for _, _, n in stats.values())
+            row = [name, seeds] + [f"{v:.6f}" for m in metrics
+                                   for v in (stats[m][:2] if m in stats else (math.nan,) * 2)]
+            c = comparisons.get(name)
+            row += [f"{c[k]:.6f}" for k in ("difference", "low", "high", "p")] if c else [""] * 4
+            writer.writerow(row)
+
+
+def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
+              metrics: list[str], concurrency: int, best: str | None,
+              stopped: list[dict]) -> list[str]:
+    shown = [m for m in metrics if m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")
+             and m.split("/")[0] in TASKS]
+    seeds = f"seeds {sweep.seeds}" if sweep.seeds else "one run each"
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"Objective: `{sweep.metric}` ({sweep.mode}) on the validation split; "
+             f"{len(sweep.trials)} trials, {seeds}; {len(rows)} runs, {concurrency} at a time. "
+             "Cells: mean ± standard deviation over seeds.", "",
+             "| trial | overrides | " + " | ".join(shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for name, overrides in sweep.trials.items():
+        stats = summary.get(name)
+        missing = "stopped" if any(r["trial"] == name for r in stopped) else "error"
+        cells = [(f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" if stats[m][2] > 1
+                  else f"{stats[m][0]:.4f}") if stats and m in stats else missing
+                 for m in shown]
+        lines.append(f"| {name} | `{json.dumps(overrides)}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    if comparisons:
+        lines += [f"Paired comparison with `{sweep.reference}` on `{sweep.metric}`: per "
+                  "example, the trial's metric (mean over its seeds) minus the reference's, "
+                  "on the same examples and stored negatives; 95 % paired-bootstrap interval "
+                  "(10,000 resamples of the examples) and two-sided p-value.", "",
+                  "| trial | difference | 95 % interval | p | examples |",
+                  "|---|---|---|---|---|"]
+        for name, c in comparisons.items():
+            lines.append(f"| {name} | {c['difference']:+.4f} | [{c['low']:+.4f}, "
+                         f"{c['high']:+.4f}] | {c['p']:.4f} | {c['examples']} |")
+        lines.append("")
+    if best:
+        mean = summary[best][sweep.metric][0]
+        lines += [f"**Winner: `{best}`** ({sweep.metric} = {mean:.4f}).", ""]
+    else:
+        lines += ["**No trial finished.**", ""]
+    if stopped:
+        metric = sweep.validation_metric
+        lines += [f"Stopped early by the {sweep.scheduler['name']} scheduler (no final "
+                  "evaluation):", ""]
+        lines += [f"- `{r['trial']}` (seed {r.get('seed')}) at step {r['stopped_at_step']}, "
+                  f"{metric} = {r.get(metric, float('nan')):.4f}" for r in stopped]
+        lines.append("")
+    return lines
+
+
+def _plot(path: Path, sweep: Sweep, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = sweep.metric.split("/", 1)[1]  # protocol/metric, shown for both tasks
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names)), 3.5))
+    width = 0.38
+    for offset, task in ((-width / 2, "search"), (width / 2, "rec")):
+        stats = [summary[n].get(f"{task}/{key}", (0.0, 0.0, 0)) for n in names]
+        ax.bar([i + offset for i in range(len(names))], [s[0] for s in stats], width,
+               yerr=[s[1] for s in stats], capsize=3, label=task)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(key)
+    title = f"sweep {sweep.name}: {key} on validation"
+    ax.set_title(title + (f" (error bars: std over {len(sweep.seeds)} seeds)"
+                          if len(sweep.seeds) > 1 else ""), fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
