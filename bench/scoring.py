@@ -3,8 +3,13 @@ example) vs one full prompt per candidate (the authors' way), same model and can
 
     python bench/scoring.py                       # tiny Llama, title_text prompt, synthetic data
     python bench/scoring.py --backbone preset:smollm2-135m-L4 --data data/ml100k --examples 10
+    python bench/scoring.py --prompt authors      # the authors' prompt: a short shared prefix
 
-Prints both rates, the largest score difference, and last `ratio=<shared / full>`.
+`full`: one prompt per candidate, a forward per example; `shared`: one example's shared
+prefix and its candidates' suffixes per forward; `batched`: the evaluator's path
+(`score_candidates`), the shared prefixes of --batch-size // candidates examples of a task
+padded into one forward. Prints the rates, the largest score difference from `full`, and
+last `ratio=<batched / full>`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="prepared dataset (default: synthetic)")
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=500, help="rows per forward (batched)")
     args = parser.parse_args()
     quiet()
     import numpy as np
@@ -34,6 +40,7 @@ def main() -> None:
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import GenSRConfig, apply_overrides
     from gensr_ray.data import contract
+    from gensr_ray.eval.gensr_scorer import score_candidates
     from gensr_ray.inputs.build import build_features
     from gensr_ray.model.losses import answer_score
 
@@ -59,23 +66,33 @@ def main() -> None:
                                      candidates[i])
         return answer_score(model.score_group(collate.group(group)))
 
+    batch = {k: ex[k] for k in ("task", "history", "query")}
+    all_candidates = np.array(candidates)
+
+    def batched():
+        scores = score_candidates(model, backbone.kind, encoder, collate, batch, all_candidates,
+                                  args.batch_size, lambda b: b)
+        return [torch.from_numpy(row) for row in scores]
+
     results = {}
     with torch.no_grad():
-        for name, fn in (("full", full), ("shared", shared)):
-            fn(0)  # warm-up
+        for name, fn in (("full", full), ("shared", shared), ("batched", None)):
+            (fn or (lambda _: batched()))(0)  # warm-up
             start = time.perf_counter()
-            results[name] = [fn(i) for i in range(n)]
+            results[name] = batched() if fn is None else [fn(i) for i in range(n)]
             elapsed = time.perf_counter() - start
             rate = n * len(candidates[0]) / elapsed
             results[name + "_rate"] = rate
-            print(f"{name:6s}: {rate:8.1f} candidates/s ({n} examples x {len(candidates[0])})")
-    diff = max(float((a - b).abs().max()) for a, b in zip(results["full"], results["shared"]))
+            print(f"{name:7s}: {rate:8.1f} candidates/s ({n} examples x {len(candidates[0])})")
+    diff = max(float((a - b).abs().max()) for other in ("shared", "batched")
+               for a, b in zip(results["full"], results[other]))
     prefix = np.mean([len(encoder.encode_group(ex["task"][i], list(ex["history"][i]),
                                                ex["query"][i], candidates[i][:1])["prefix_ids"])
                       for i in range(n)])
     print(f"backbone {args.backbone}, prompt {args.prompt}, mean shared prefix {prefix:.0f} "
           f"tokens, {args.threads} threads; max |score difference| {diff:.2e}")
-    print(f"ratio={results['shared_rate'] / results['full_rate']:.2f}")
+    print(f"shared/full {results['shared_rate'] / results['full_rate']:.2f}")
+    print(f"ratio={results['batched_rate'] / results['full_rate']:.2f}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from gensr_ray.config import ConfigError, GenSRConfig, from_dict, read_yaml
 
 TRAINABLE = "trainable.pt"
 SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
+METRICS = "metrics.jsonl"  # in a run's storage directory: every report, one JSON line each
 MANIFESTS = "manifest"
 PREFIX = "checkpoint_"  # checkpoint directories in a run's storage, named by time (Ray's way)
 

@@ -319,9 +319,10 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
             torch.nn.init.normal_(p, std=0.05)
     model.eval()
     encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
-    examples = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 4)
+    examples = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 6)
     ex = examples.to_pydict()
-    for i in range(4):
+    singles: dict[str, list] = {}
+    for i in range(6):
         candidates = [ex["target"][i]] + ex["negatives"][i][:30]
         group = encoder.encode_group(ex["task"][i], ex["history"][i], ex["query"][i], candidates)
         assert len(group["prefix_ids"]) > 10  # the authors' prompt opens with the history
@@ -331,3 +332,11 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
             full = answer_score(model(collate(rows))["logits"])
         shared = answer_score(model.score_group(collate.group(group)))
         torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+        singles.setdefault(ex["task"][i], []).append((group, shared))
+    # the examples of a task batched in one pass: prefixes and histories of other lengths
+    # padded, the same scores
+    for task, pairs in singles.items():
+        together = answer_score(model.score_group(collate.groups([g for g, _ in pairs])))
+        torch.testing.assert_close(together, torch.cat([s for _, s in pairs]), rtol=1e-4,
+                                   atol=1e-5)
+    assert max(len(p) for p in singles.values()) > 1

@@ -113,6 +113,8 @@ def test_patience_stops_a_run_whose_metric_does_not_improve(ray_cluster, data, t
     assert summary["metrics"]["step"] == 6 and summary["metrics"]["stopped_early"] is True
     assert summary["metrics"]["best_step"] == 2
     assert saved_metrics(resolve_checkpoint(out))["step"] == 2  # the best: the first
+    # local mode runs no Ray Train callbacks; its reports reach metrics.jsonl all the same
+    assert [r["step"] for r in _rows(out, cfg) if "val/mean/NDCG@10" in r] == [2, 4, 6]
     # the same --out again does not train on: the run has ended
     again = run_training(apply_overrides(cfg, {"train.max_steps": 60}), out)
     assert again["metrics"]["step"] == 6

@@ -48,17 +48,20 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
     DeepSpeed engine wrapping it (every call is one forward of the module).
 
     Decoder-only backbones: per example, the shared prefix's KV cache and the history
-    encodings are computed once for all its candidates, one forward per example
-    (bench/scoring.py measures the gain). Others: one full prompt per (example, candidate)
-    row, `batch_size` rows per forward. Either way the number of forwards depends only on
-    the number of examples and candidates, which keeps ZeRO-3 ranks in step."""
+    encodings are computed once for all its candidates (bench/scoring.py measures the gain),
+    for batch_size // c examples of a task per forward. Others: one full prompt per
+    (example, candidate) row, `batch_size` rows per forward. Either way the number of
+    forwards depends only on the examples' tasks and counts, which keeps ZeRO-3 ranks in
+    step."""
     if kind == "decoder":
         scores = np.empty(candidates.shape, dtype=np.float32)
-        for i in range(len(candidates)):
-            group = encoder.encode_group(batch["task"][i], list(batch["history"][i]),
-                                         batch["query"][i], candidates[i].tolist())
-            logits = forward(to_device(collate.group(group)))["logits"]
-            scores[i] = answer_score(logits).float().cpu().numpy()
+        per_call = max(1, batch_size // max(1, candidates.shape[1]))
+        for lo, hi in _task_runs(batch["task"], per_call):
+            groups = [encoder.encode_group(batch["task"][i], list(batch["history"][i]),
+                                           batch["query"][i], candidates[i].tolist())
+                      for i in range(lo, hi)]
+            logits = forward(to_device(collate.groups(groups)))["logits"]
+            scores[lo:hi] = answer_score(logits).float().cpu().numpy().reshape(hi - lo, -1)
         return scores
     rows = encoder.encode(batch, candidates=candidates)
     scores = []
@@ -67,6 +70,17 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
         logits = forward(to_device(collate(part)))["logits"]
         scores.append(answer_score(logits).float().cpu().numpy())
     return np.concatenate(scores).reshape(candidates.shape)
+
+
+def _task_runs(tasks, size: int):
+    """(lo, hi) slices of at most `size` consecutive examples of one task."""
+    lo = 0
+    while lo < len(tasks):
+        hi = lo + 1
+        while hi < len(tasks) and hi - lo < size and tasks[hi] == tasks[lo]:
+            hi += 1
+        yield lo, hi
+        lo = hi
 
 
 def rerank(first_stage: dict, depth: int, score, batch: dict, k: int,

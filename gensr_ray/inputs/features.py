@@ -105,28 +105,51 @@ class Collator:
         self.pad_id = pad_id
 
     def group(self, g: dict) -> dict[str, torch.Tensor]:
-        """Tensors for `GenSR.score_group`: suffixes right-padded (positions stay exact)."""
-        n = len(g["candidates"])
-        width = max(len(s) for s in g["suffix_ids"])
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        slots = np.zeros((n, width), dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        for r, (s_ids, s_slots) in enumerate(zip(g["suffix_ids"], g["suffix_slots"])):
+        """Tensors for `GenSR.score_group` from one example's group."""
+        return self.groups([g])
+
+    def groups(self, gs: list[dict]) -> dict[str, torch.Tensor]:
+        """Tensors for `GenSR.score_group` from the groups of G examples of one task with C
+        candidates each: prefixes left-padded [G, P] (their positions are counted from the
+        first real token), histories right-padded [G, H], the G x C suffixes right-padded
+        (every real position keeps its true position)."""
+        if len({g["task"] for g in gs}) != 1 or len({len(g["candidates"]) for g in gs}) != 1:
+            raise ValueError("groups scored together must share the task and candidate count")
+        suffixes = [(i, s) for g in gs for i, s in zip(g["suffix_ids"], g["suffix_slots"])]
+        width = max(len(i) for i, _ in suffixes)
+        ids = np.full((len(suffixes), width), self.pad_id, dtype=np.int64)
+        slots = np.zeros((len(suffixes), width), dtype=np.int64)
+        mask = np.zeros((len(suffixes), width), dtype=np.int64)
+        for r, (s_ids, s_slots) in enumerate(suffixes):
             ids[r, :len(s_ids)] = s_ids
             slots[r, :len(s_slots)] = s_slots
             mask[r, :len(s_ids)] = 1
-        hist = np.asarray(g["history"], dtype=np.int64)[None, :]
-        target = np.asarray(g["candidates"], dtype=np.int64)
+        prefix_len = max(len(g["prefix_ids"]) for g in gs)
+        prefix = np.full((len(gs), prefix_len), self.pad_id, dtype=np.int64)
+        prefix_mask = np.zeros((len(gs), prefix_len), dtype=np.int64)
+        hist_len = max(1, max(len(g["history"]) for g in gs))
+        hist = np.zeros((len(gs), hist_len), dtype=np.int64)
+        hist_mask = np.zeros((len(gs), hist_len), dtype=bool)
+        for r, g in enumerate(gs):
+            if g["prefix_ids"]:
+                prefix[r, prefix_len - len(g["prefix_ids"]):] = g["prefix_ids"]
+                prefix_mask[r, prefix_len - len(g["prefix_ids"]):] = 1
+            hist[r, :len(g["history"])] = g["history"]
+            hist_mask[r, :len(g["history"])] = True
+        sem = self.items.sem[hist]
+        sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
+            hist_mask[..., None]
+        target = np.asarray([c for g in gs for c in g["candidates"]], dtype=np.int64)
         tgt_len = self.items.target_len[target]
         tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))]
         return {
-            "task": torch.tensor(g["task"]),
-            "prefix_ids": torch.tensor([g["prefix_ids"]], dtype=torch.long).reshape(1, -1),
+            "task": torch.tensor(gs[0]["task"]),
+            "prefix_ids": torch.from_numpy(prefix),
+            "prefix_mask": torch.from_numpy(prefix_mask),
             "hist_items": torch.from_numpy(hist),
-            "hist_mask": torch.ones(hist.shape, dtype=torch.bool),
-            "hist_title_ids": torch.from_numpy(self.items.sem[hist]),
-            "hist_title_mask": torch.from_numpy(
-                np.arange(self.items.sem.shape[1]) < self.items.sem_len[hist][..., None]),
+            "hist_mask": torch.from_numpy(hist_mask),
+            "hist_title_ids": torch.from_numpy(sem),
+            "hist_title_mask": torch.from_numpy(sem_mask),
             "target_item": torch.from_numpy(target),
             "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
             "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),

@@ -178,34 +178,45 @@ class GenSR(nn.Module):
 
     @torch.no_grad()
     def score_group(self, g: dict) -> torch.Tensor:
-        """Yes/No logits [C, 2] for one example's C candidates, sharing what they share.
+        """Yes/No logits [G x C, 2] for the C candidates of each of G examples of one task
+        (`Collator.groups`), sharing what an example's candidates share.
 
         The history encodings (both views) and, for decoder-only backbones, the KV cache of
-        the prompt's candidate-independent prefix are computed once; each candidate then runs
-        only its suffix (right-padded, so every real position keeps its true position).
+        the prompt's candidate-independent prefix are computed once per example, for the G
+        examples in one pass; each candidate then runs only its suffix (right-padded, so every
+        real position keeps its true position; prefixes are left-padded and their positions
+        counted from their first real token).
         """
         n = g["target_item"].shape[0]
-        cf_encoded = self.cf_encode(g["hist_items"], g["hist_mask"]).expand(n, -1, -1)
-        cf_hist, cf_target = self.cf_pool(cf_encoded, g["hist_mask"].expand(n, -1),
-                                          g["target_item"])
+        per = n // g["hist_items"].shape[0]  # candidates per example
+
+        def each(x: torch.Tensor) -> torch.Tensor:  # an example's row for each candidate
+            return x.repeat_interleave(per, dim=0)
+
+        cf_hist, cf_target = self.cf_pool(each(self.cf_encode(g["hist_items"], g["hist_mask"])),
+                                          each(g["hist_mask"]), g["target_item"])
         sem_encoded, mask = self.sem_encode(g["hist_title_ids"], g["hist_title_mask"])
-        sem_hist, title_mean = self.sem_pool(sem_encoded.expand(n, -1, -1), mask.expand(n, -1),
+        sem_hist, title_mean = self.sem_pool(each(sem_encoded), each(mask),
                                              g["target_title_ids"], g["target_title_mask"])
         soft = self.soft_tokens(cf_hist, sem_hist, cf_target, title_mean)
         embed = self.lm.get_input_embeddings()
         suffix = self.splice(embed(g["suffix_ids"]), g["suffix_slots"], soft)
         suffix_mask = g["suffix_mask"]
+        steps = torch.arange(suffix_mask.shape[1], device=suffix_mask.device)
         task = TASKS[int(g["task"])]
         with active_adapters(self.lm, self.active_per_task[task]) if self.active_per_task \
                 else nullcontext():
-            cache, prefix_len = None, g["prefix_ids"].shape[1]
-            if prefix_len:
-                cache = self.lm.base_model(inputs_embeds=embed(g["prefix_ids"]),
-                                           use_cache=True).cache
-                cache.batch_repeat_interleave(n)
-            mask = torch.cat([suffix_mask.new_ones(n, prefix_len), suffix_mask], dim=1)
+            cache, prefix_mask = None, g["prefix_mask"]
+            if prefix_mask.shape[1]:
+                cache = self.lm.base_model(
+                    inputs_embeds=embed(g["prefix_ids"]), attention_mask=prefix_mask,
+                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).cache
+                cache.batch_repeat_interleave(per)
+            mask = torch.cat([each(prefix_mask), suffix_mask], dim=1)
+            positions = each(prefix_mask.sum(1, keepdim=True)) + steps
             out = self.lm.base_model(inputs_embeds=suffix, attention_mask=mask,
-                                     cache=cache, use_cache=cache is not None)
+                                     position_ids=positions, cache=cache,
+                                     use_cache=cache is not None)
         last = suffix_mask.sum(1) - 1
         return self.answer_logits(out.last_hidden_state[torch.arange(n), last])
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from gensr_ray import storage
 from gensr_ray.assemble import resolve_config_backbone
 from gensr_ray.checkpoint import (
+    METRICS,
     SUMMARY,
     CheckpointError,
     checkpoints,
@@ -64,7 +65,7 @@ class RunLocation:
 
     @property
     def metrics(self) -> str:
-        return storage.join(self.run_dir, "metrics.jsonl")
+        return storage.join(self.run_dir, METRICS)
 
 
 def run_location(cfg: GenSRConfig, out: str | Path) -> RunLocation:

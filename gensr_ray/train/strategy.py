@@ -8,6 +8,7 @@ gensr_ray.train.launch; this module imports neither it nor the loop.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ import torch
 
 from gensr_ray import storage
 from gensr_ray.checkpoint import (
+    METRICS,
     CheckpointError,
     check_same_data,
     checkpoint_name,
@@ -246,11 +248,13 @@ class Strategy:
         """Report metrics to Ray Train; with `state`, also a checkpoint every rank writes."""
         import ray.train
 
+        local = _local_mode(self.context)
         if state is None:
             ray.train.report(metrics)
+            if local:
+                self._log_local(metrics, None)
             return
         tmp = Path(tempfile.mkdtemp(prefix="gensr-ckpt-"))
-        local = _local_mode(self.context)
         try:
             self.save(tmp, state)
             if local:
@@ -260,8 +264,18 @@ class Strategy:
             else:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+            if local:
+                self._log_local(metrics, storage.uri_of(checkpoint.filesystem, checkpoint.path))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # Ray has copied it to storage
+
+    def _log_local(self, metrics: dict, checkpoint: str | None) -> None:
+        """Local mode runs no Ray Train callbacks: append the report to the run's
+        metrics.jsonl here, as the driver's callback does for a worker group."""
+        path = storage.join(self.run_dir, METRICS)
+        lines = storage.read_text(path).splitlines() if storage.exists(path) else []
+        lines.append(json.dumps({**metrics, "checkpoint": checkpoint}, default=float))
+        storage.write_text(path, "\n".join(lines) + "\n")
 
     def _persist_local(self, tmp: Path):
         import pyarrow.fs
