@@ -19,6 +19,7 @@ install: $(STAMP)
 
 # prepare (if missing) -> LightGCN -> GenSR training -> evaluation beside the baselines
 demo: $(STAMP)
+	@test ! -e $(RUN) || echo "make demo: removing the previous run in $(RUN) (RUN=DIR keeps it)"
 	rm -rf $(RUN)
 	$(GENSR) train --config configs/demo.yaml --out $(RUN) --set data.path=$(DATA)
 	$(GENSR) eval --checkpoint $(RUN) --baselines --out $(RUN)/results.json

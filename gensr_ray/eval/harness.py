@@ -124,11 +124,8 @@ class DenseScorer:
         queries = self.model.query_vectors(batch)  # [n, d]
         items = self._item_vectors()  # [n_items, d]
         candidates = np.asarray(candidates, dtype=np.int64)
-        # Gathering candidate vectors costs n*c*d memory, scoring the catalogue n*n_items; take
-        # the smaller.
-        if candidates.shape[1] * items.shape[1] <= items.shape[0]:
-            return np.einsum("nd,ncd->nc", queries, items[candidates])
-        return np.take_along_axis(queries @ items.T, candidates, axis=1)
+        # the candidates' vectors only (n x c x d), never the examples x catalogue scores
+        return np.einsum("nd,ncd->nc", queries, items[candidates])
 
     def retrieve(self, batch: dict, k: int, exclude_per_example: list[np.ndarray]) -> np.ndarray:
         from gensr_ray.eval.retrieval import build_ip_index, topk_excluding
