@@ -1,7 +1,7 @@
 """Examples scored per second by GenSR's distributed scorer with 2 Ray workers against 1, and
 the single-process scorer beside them, on the same checkpoint, examples and candidates.
 
-    python bench/eval_scaling.py                  # tiny Llama, authors' prompt, synthetic data
+    python bench/eval_scaling.py                  # tiny Llama, title_text prompt, synthetic data
     python bench/eval_scaling.py --examples 400 --backbone preset:smollm2-135m-L4
 
 Each distributed figure is wall time of one `score` call, actor start-up (model loading)
