@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (module prefix, layer): the longest matching prefix wins; higher layers import lower ones
 LAYERS = [
     ("gensr_ray.config", 0), ("gensr_ray.atomic", 0),
-    ("gensr_ray.storage", 1), ("gensr_ray.ray_init", 1),
+    ("gensr_ray.storage", 1), ("gensr_ray.ray_init", 1), ("gensr_ray.tracking", 1),
     ("gensr_ray.data.contract", 2),
     ("gensr_ray.data", 3), ("gensr_ray.checkpoint", 3),
     ("gensr_ray.cf", 4), ("gensr_ray.model", 4), ("gensr_ray.inputs", 4),

@@ -46,6 +46,15 @@ def _config(data: Path, **overrides) -> GenSRConfig:
     return apply_overrides(GenSRConfig(), {**base, **overrides})
 
 
+def _scalars(out: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar the run logged under <out>/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def _rows(out: Path, cfg: GenSRConfig) -> list[dict]:
     return [json.loads(line) for line in Path(run_location(cfg, out).metrics).read_text()
             .splitlines()]
@@ -83,6 +92,11 @@ def test_two_workers_validate_as_the_harness_scores_and_the_best_checkpoint_is_k
         assert row["checkpoint"] and row["val/mean/NDCG@10"] == pytest.approx(
             (row["val/search/NDCG@10"] + row["val/rec/NDCG@10"]) / 2)
     values = [r["val/mean/NDCG@10"] for r in validated]
+    # TensorBoard holds every reported metric at its step, validation included
+    assert _scalars(out, "val/mean/NDCG@10") == [(3, pytest.approx(values[0])),
+                                                 (6, pytest.approx(values[1])),
+                                                 (9, pytest.approx(values[2]))]
+    assert [s for s, _ in _scalars(out, "loss")] == [2, 3, 4, 6, 8, 9]
     best_row = validated[max(range(3), key=lambda i: (values[i], i))]
 
     # one kept by score, and the latest, which resuming needs
@@ -115,6 +129,7 @@ def test_patience_stops_a_run_whose_metric_does_not_improve(ray_cluster, data, t
     assert saved_metrics(resolve_checkpoint(out))["step"] == 2  # the best: the first
     # local mode runs no Ray Train callbacks; its reports reach metrics.jsonl all the same
     assert [r["step"] for r in _rows(out, cfg) if "val/mean/NDCG@10" in r] == [2, 4, 6]
+    assert [s for s, _ in _scalars(out, "val/mean/NDCG@10")] == [2, 4, 6]  # and TensorBoard
     # the same --out again does not train on: the run has ended
     again = run_training(apply_overrides(cfg, {"train.max_steps": 60}), out)
     assert again["metrics"]["step"] == 6

@@ -34,6 +34,7 @@ from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.ray_init import ensure_ray, started_local_cluster
+from gensr_ray.tracking import Tracker
 from gensr_ray.train.curves import plot_training, read_metrics
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
@@ -67,14 +68,23 @@ class RunLocation:
     def metrics(self) -> str:
         return storage.join(self.run_dir, METRICS)
 
+    @property
+    def tensorboard(self) -> str:
+        """TensorBoard event files, written on the driver's node: <out>/tensorboard, or for
+        an --out on object storage this node's $GENSR_CACHE/tensorboard/<name>."""
+        if storage.is_uri(self.out):
+            return str(storage.cache_root() / "tensorboard" / self.name)
+        return storage.join(self.out, "tensorboard")
+
 
 def run_location(cfg: GenSRConfig, out: str | Path) -> RunLocation:
     out = storage.absolute(out)
     return RunLocation(out, storage.absolute(cfg.scale.storage_path or storage.join(out, "ray")))
 
 
-def _metrics_log_callback(path: str):
-    """A Ray Train callback (runs in the controller) appending each report to `path`.
+def _metrics_log_callback(path: str, tensorboard: str):
+    """A Ray Train callback (runs in the controller) appending each report to `path` and
+    logging it to TensorBoard in `tensorboard`.
 
     `path` lives on the run's storage (a local directory or s3://, gs://), next to the
     checkpoints, and keeps the lines of earlier attempts of the same run.
@@ -84,6 +94,7 @@ def _metrics_log_callback(path: str):
     class MetricsLog(UserCallback):
         def __init__(self):
             self.lines: list[str] | None = None
+            self.tracker = Tracker(tensorboard)
 
         def after_report(self, run_context, metrics, checkpoint):
             import pyarrow.fs
@@ -94,6 +105,7 @@ def _metrics_log_callback(path: str):
                 if fs.get_file_info(file).type == pyarrow.fs.FileType.File:
                     with fs.open_input_stream(file) as f:
                         self.lines = f.read().decode().splitlines()
+            self.tracker.log(metrics[0])  # rank 0's report
             row = {**metrics[0], "checkpoint": storage.uri_of(checkpoint.filesystem,
                                                               checkpoint.path)
                    if checkpoint else None}
@@ -150,7 +162,8 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the config object crosses the Ray boundary as it is (pickled), never as a dict
-        train_loop_config={"cfg": cfg, "run_dir": where.run_dir, "data": data},
+        train_loop_config={"cfg": cfg, "run_dir": where.run_dir, "data": data,
+                           "tensorboard": where.tensorboard},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources,
@@ -163,7 +176,8 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=s.num_to_keep, checkpoint_score_attribute=score_metric(cfg),
                 checkpoint_score_order="max"),
-            callbacks=[_metrics_log_callback(where.metrics), *(callbacks or [])]),
+            callbacks=[_metrics_log_callback(where.metrics, where.tensorboard),
+                       *(callbacks or [])]),
         datasets={"train": _in_current_placement_group(training_dataset(cfg, tokenizer, kind))},
     )
     return trainer.fit()

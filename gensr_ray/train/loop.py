@@ -20,7 +20,7 @@ from gensr_ray.train.validation import BestTracker, Validator
 def train_loop_per_worker(config: dict) -> None:
     cfg: GenSRConfig = config["cfg"]
     data = config.get("data")  # the dataset's fingerprint: every checkpoint records it
-    strategy = Strategy(cfg, run_dir=config.get("run_dir"))
+    strategy = Strategy(cfg, run_dir=config.get("run_dir"), tensorboard=config.get("tensorboard"))
 
     # this node's copy of the backbone (presets built, URIs mirrored, once per node)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))

@@ -33,6 +33,7 @@ from gensr_ray.checkpoint import (
     write_model_export,
 )
 from gensr_ray.config import GenSRConfig
+from gensr_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,11 @@ class Strategy:
     shard need it, the engine and saving do not. `run_dir` is the run's checkpoint storage
     (a path or URI): resuming looks there for the newest intact checkpoint."""
 
-    def __init__(self, cfg: GenSRConfig, context=None, run_dir: str | None = None):
+    def __init__(self, cfg: GenSRConfig, context=None, run_dir: str | None = None,
+                 tensorboard: str | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.tracker = Tracker(tensorboard)  # local mode only: a worker group's driver logs
         configure_accelerator(cfg.scale.use_gpu)
         _quiet()
         if context is None:
@@ -272,6 +275,7 @@ class Strategy:
     def _log_local(self, metrics: dict, checkpoint: str | None) -> None:
         """Local mode runs no Ray Train callbacks: append the report to the run's
         metrics.jsonl here, as the driver's callback does for a worker group."""
+        self.tracker.log(metrics)
         path = storage.join(self.run_dir, METRICS)
         lines = storage.read_text(path).splitlines() if storage.exists(path) else []
         lines.append(json.dumps({**metrics, "checkpoint": checkpoint}, default=float))
