@@ -279,18 +279,23 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> GenSRConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        data = read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "config") if path is not None else {}
     try:
         return apply_overrides(from_dict(data), overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """The top-level mapping of a YAML file (`what`: config, sweep) that must exist; an empty
+    file is an empty mapping. ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
 
 
 def read_yaml(path: Path) -> Any:

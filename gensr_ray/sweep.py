@@ -25,7 +25,7 @@ from gensr_ray.config import (
     ConfigError,
     GenSRConfig,
     apply_overrides,
-    read_yaml,
+    read_yaml_mapping,
 )
 
 KEYS = ("metric", "mode", "seeds", "reference", "scheduler", "trials")
@@ -76,11 +76,7 @@ def _scheduler(path: Path, data) -> dict:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    data = read_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "sweep")
     unknown = set(data) - set(KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; known: {', '.join(KEYS)}")
