@@ -222,6 +222,10 @@ class Strategy:
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over all workers."""
+        return {k: v / self.world_size for k, v in self.sum(values).items()}
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum scalar metrics over all workers (every worker calls it: a collective)."""
         import torch.distributed as dist
 
         keys = sorted(values)
@@ -230,12 +234,7 @@ class Strategy:
             if self.cfg.scale.use_gpu:
                 t = t.to(self.device)
             dist.all_reduce(t)
-            t /= self.world_size
         return dict(zip(keys, t.cpu().tolist()))
-
-    def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Sum scalar metrics over all workers."""
-        return {k: v * self.world_size for k, v in self.mean(values).items()}
 
     @contextlib.contextmanager
     def evaluating(self):
