@@ -1,6 +1,6 @@
 """The GPU path end to end on one GPU, in a few minutes: bf16 ZeRO-3 LoRA training of a 0.5B
 decoder through Ray Train, a checkpoint, a resume from it, GPU scoring, and the GPU scores'
-agreement with the fp32 CPU path.
+agreement with the fp32 CPU path, and the evaluator's Ray Data scoring pool on the GPU.
 
     python bench/gpu_check.py                     # 100 steps + 40 resumed, 100 scored examples
     python bench/gpu_check.py --steps 100 --out /tmp/gpu-check
@@ -110,7 +110,7 @@ def main() -> None:
 
     # 3. score on the GPU (bf16) and, for a few examples, on the CPU (fp32)
     scoring = _score(resumed["checkpoint"], cfg, args.examples, args.cpu_examples,
-                     gpu=not args.smoke)
+                     gpu_run=not args.smoke)
 
     peak = peak_bf16_tflops(gpu)
     result = {
@@ -142,7 +142,7 @@ def _throughput(rows: list[dict], batch_size: int, shape: dict) -> dict:
             "model_tflops": round(4 * shape["params"] * tokens_per_s / 1e12, 2)}
 
 
-def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu: bool = True) -> dict:
+def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu_run: bool = True) -> dict:
     import numpy as np
     import torch
 
@@ -159,7 +159,7 @@ def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu: bool = True) -> dict:
     scores = {}
     timing = {}
     for device, precision, rows in (("gpu", "bf16", n), ("cpu", "fp32", n_cpu)):
-        run_cfg = apply_overrides(cfg, {"eval.use_gpu": gpu and device == "gpu",
+        run_cfg = apply_overrides(cfg, {"eval.use_gpu": gpu_run and device == "gpu",
                                         "eval.precision": precision})
         model, backbone, run_cfg = load_for_eval(checkpoint, run_cfg)
         scorer = GenSRScorer(model, backbone, run_cfg, {}, depth=0,
@@ -174,6 +174,15 @@ def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu: bool = True) -> dict:
         timing[device] = time.perf_counter() - t0
         del model, scorer
     gpu, cpu = scores["gpu"], scores["cpu"]
+    # the evaluator's distributed path: a Ray Data actor pool of one GPU worker, bf16
+    from gensr_ray.eval.distributed import DistributedGenSRScorer
+
+    pool_cfg = apply_overrides(cfg, {"eval.use_gpu": gpu_run, "eval.precision": "bf16",
+                                     "eval.num_workers": 1, "eval.cpus_per_worker": 2.0})
+    t0 = time.perf_counter()
+    pooled = DistributedGenSRScorer(checkpoint, pool_cfg, {}).score(batch, candidates)
+    pool_s = time.perf_counter() - t0
+    pooled_ranks = sampled_ranks(pooled[:, 0], pooled[:, 1:])
     ranks = sampled_ranks(gpu[:, 0], gpu[:, 1:])
     metrics = sampled_metrics(ranks, ks=(10,))
     k = len(cpu)
@@ -199,6 +208,11 @@ def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu: bool = True) -> dict:
         "top1_agreement": float((order_gpu[:, 0] == order_cpu[:, 0]).mean()),
         "top10_overlap": float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
                                         for a, b in zip(order_gpu, order_cpu)])),
+        # start-up (actor, model load) included: a lower bound of the pool's steady rate
+        "pool_candidates_per_s": round(pooled.size / pool_s),
+        "pool_wall_s": round(pool_s, 1),
+        "pool_max_abs_diff": round(float(np.abs(pooled - gpu).max()), 4),
+        "pool_rank_agreement": float((pooled_ranks == ranks).mean()),
     }
 
 

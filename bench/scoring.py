@@ -4,6 +4,7 @@ example) vs one full prompt per candidate (the authors' way), same model and can
     python bench/scoring.py                       # tiny Llama, title_text prompt, synthetic data
     python bench/scoring.py --backbone preset:smollm2-135m-L4 --data data/ml100k --examples 10
     python bench/scoring.py --prompt authors      # the authors' prompt: a short shared prefix
+    python bench/scoring.py --device cuda --precision bf16 --backbone preset:random-qwen2-0.5b
 
 `full`: one prompt per candidate, a forward per example; `shared`: one example's shared
 prefix and its candidates' suffixes per forward; `batched`: the evaluator's path
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=500, help="rows per forward (batched)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
     quiet()
     import numpy as np
@@ -51,7 +54,13 @@ def main() -> None:
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     if backbone.kind != "decoder":
         raise SystemExit("bench/scoring.py: the shared KV-cache prefix needs a decoder-only backbone")
-    model.eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    model = model.to(args.device, dtype).eval()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(args.device) for k, v in batch.items()}
+
     encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     ex = contract.read_table(contract.examples_dir(data, "test")).slice(0, args.examples).to_pydict()
     n = len(ex["target"])
@@ -59,27 +68,29 @@ def main() -> None:
 
     def full(i):
         rows = encoder.encode({k: [v[i]] for k, v in ex.items()}, candidates=np.array([candidates[i]]))
-        return answer_score(model(collate(rows))["logits"])
+        return answer_score(model(to_device(collate(rows)))["logits"]).float().cpu()
 
     def shared(i):
         group = encoder.encode_group(ex["task"][i], list(ex["history"][i]), ex["query"][i],
                                      candidates[i])
-        return answer_score(model.score_group(collate.group(group)))
+        return answer_score(model.score_group(to_device(collate.group(group)))).float().cpu()
 
     batch = {k: ex[k] for k in ("task", "history", "query")}
     all_candidates = np.array(candidates)
 
     def batched():
         scores = score_candidates(model, backbone.kind, encoder, collate, batch, all_candidates,
-                                  args.batch_size, lambda b: b)
+                                  args.batch_size, to_device)
         return [torch.from_numpy(row) for row in scores]
 
     results = {}
     with torch.no_grad():
         for name, fn in (("full", full), ("shared", shared), ("batched", None)):
             (fn or (lambda _: batched()))(0)  # warm-up
+            sync()
             start = time.perf_counter()
             results[name] = batched() if fn is None else [fn(i) for i in range(n)]
+            sync()
             elapsed = time.perf_counter() - start
             rate = n * len(candidates[0]) / elapsed
             results[name + "_rate"] = rate
@@ -89,8 +100,9 @@ def main() -> None:
     prefix = np.mean([len(encoder.encode_group(ex["task"][i], list(ex["history"][i]),
                                                ex["query"][i], candidates[i][:1])["prefix_ids"])
                       for i in range(n)])
-    print(f"backbone {args.backbone}, prompt {args.prompt}, mean shared prefix {prefix:.0f} "
-          f"tokens, {args.threads} threads; max |score difference| {diff:.2e}")
+    where = f"{args.threads} threads" if args.device == "cpu" else torch.cuda.get_device_name(0)
+    print(f"backbone {args.backbone}, prompt {args.prompt}, {args.precision} on {where}, mean "
+          f"shared prefix {prefix:.0f} tokens; max |score difference| {diff:.2e}")
     print(f"shared/full {results['shared_rate'] / results['full_rate']:.2f}")
     print(f"ratio={results['batched_rate'] / results['full_rate']:.2f}")
 
