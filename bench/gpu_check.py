@@ -31,7 +31,8 @@ CONFIG = Path(__file__).parent.parent / "configs" / "gpu" / "qwen2.5-0.5b-lora-z
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps, first run")
-    parser.add_argument("--resume-steps", type=int, default=40, help="steps after the resume")
+    parser.add_argument("--resume-steps", type=int, default=40,
+                        help="steps after the resume (0: no resume, e.g. to check scoring alone)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per step")
     parser.add_argument("--examples", type=int, default=100, help="test examples scored on GPU")
     parser.add_argument("--cpu-examples", type=int, default=3,
@@ -69,7 +70,7 @@ def main() -> None:
     cfg = apply_overrides(load_config(CONFIG), {
         "data.path": str(data), "model.backbone": "preset:random-qwen2-0.5b",
         "train.batch_size": args.batch_size, "train.max_steps": args.steps,
-        "train.log_every": 20, "train.checkpoint_every": args.steps, "train.warmup_steps": 10,
+        "train.log_every": min(20, max(1, args.steps // 4)), "train.checkpoint_every": args.steps, "train.warmup_steps": 10,
         "scale.num_workers": 1, "scale.cpus_per_worker": 4.0,
         "eval.use_gpu": True, "eval.precision": "bf16"})
     if args.smoke:
@@ -101,11 +102,13 @@ def main() -> None:
           input_wait_frac=[round(r.get("input_wait_frac", 0.0), 3) for r in rows])
     # 2. resume the same run with a larger budget: it must continue from the checkpoint
     t0 = time.perf_counter()
-    resumed = run_training(apply_overrides(cfg, {"train.max_steps":
-                                                 args.steps + args.resume_steps}), run)
+    resumed = (run_training(apply_overrides(cfg, {"train.max_steps":
+                                                  args.steps + args.resume_steps}), run)
+               if args.resume_steps else first)
     resume_wall = time.perf_counter() - t0
-    after = reports(cfg, run)[len(rows):]
-    resumed_from = {r.get("resumed_from") for r in after}
+    after = reports(cfg, run)[len(rows):] or rows[-1:]
+    resumed_from = ({r.get("resumed_from") for r in after} if args.resume_steps
+                    else {args.steps})
     phase(resume_wall_s=round(resume_wall, 1), resumed_from=sorted(resumed_from))
 
     # 3. score on the GPU (bf16) and, for a few examples, on the CPU (fp32)
