@@ -112,8 +112,11 @@ def main() -> None:
     phase(resume_wall_s=round(resume_wall, 1), resumed_from=sorted(resumed_from))
 
     # 3. score on the GPU (bf16) and, for a few examples, on the CPU (fp32)
-    scoring = _score(resumed["checkpoint"], cfg, args.examples, args.cpu_examples,
-                     gpu_run=not args.smoke)
+    scoring, scored = _score(resumed["checkpoint"], cfg, args.examples, args.cpu_examples,
+                             gpu_run=not args.smoke)
+    phase(**scoring)
+    # 4. the same examples through the evaluator's Ray Data scoring pool
+    scoring.update(_score_pool(resumed["checkpoint"], cfg, *scored, gpu_run=not args.smoke))
 
     peak = peak_bf16_tflops(gpu)
     result = {
@@ -145,7 +148,7 @@ def _throughput(rows: list[dict], batch_size: int, shape: dict) -> dict:
             "model_tflops": round(4 * shape["params"] * tokens_per_s / 1e12, 2)}
 
 
-def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu_run: bool = True) -> dict:
+def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu_run: bool = True) -> tuple:
     import numpy as np
     import torch
 
@@ -177,15 +180,6 @@ def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu_run: bool = True) -> di
         timing[device] = time.perf_counter() - t0
         del model, scorer
     gpu, cpu = scores["gpu"], scores["cpu"]
-    # the evaluator's distributed path: a Ray Data actor pool of one GPU worker, bf16
-    from gensr_ray.eval.distributed import DistributedGenSRScorer
-
-    pool_cfg = apply_overrides(cfg, {"eval.use_gpu": gpu_run, "eval.precision": "bf16",
-                                     "eval.num_workers": 1, "eval.cpus_per_worker": 2.0})
-    t0 = time.perf_counter()
-    pooled = DistributedGenSRScorer(checkpoint, pool_cfg, {}).score(batch, candidates)
-    pool_s = time.perf_counter() - t0
-    pooled_ranks = sampled_ranks(pooled[:, 0], pooled[:, 1:])
     ranks = sampled_ranks(gpu[:, 0], gpu[:, 1:])
     metrics = sampled_metrics(ranks, ks=(10,))
     k = len(cpu)
@@ -211,10 +205,30 @@ def _score(checkpoint: str, cfg, n: int, n_cpu: int, gpu_run: bool = True) -> di
         "top1_agreement": float((order_gpu[:, 0] == order_cpu[:, 0]).mean()),
         "top10_overlap": float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
                                         for a, b in zip(order_gpu, order_cpu)])),
+    }, (batch, candidates, gpu)
+
+
+def _score_pool(checkpoint: str, cfg, batch: dict, candidates, in_process, gpu_run: bool) -> dict:
+    """The evaluator's distributed path: a Ray Data actor pool of one GPU worker, bf16,
+    against the in-process scores of the same examples."""
+    import numpy as np
+
+    from gensr_ray.config import apply_overrides
+    from gensr_ray.eval.distributed import DistributedGenSRScorer
+    from gensr_ray.eval.metrics import sampled_ranks
+
+    pool_cfg = apply_overrides(cfg, {"eval.use_gpu": gpu_run, "eval.precision": "bf16",
+                                     "eval.num_workers": 1, "eval.cpus_per_worker": 2.0})
+    t0 = time.perf_counter()
+    pooled = DistributedGenSRScorer(checkpoint, pool_cfg, {}).score(batch, candidates)
+    pool_s = time.perf_counter() - t0
+    ranks = sampled_ranks(in_process[:, 0], in_process[:, 1:])
+    pooled_ranks = sampled_ranks(pooled[:, 0], pooled[:, 1:])
+    return {
         # start-up (actor, model load) included: a lower bound of the pool's steady rate
         "pool_candidates_per_s": round(pooled.size / pool_s),
         "pool_wall_s": round(pool_s, 1),
-        "pool_max_abs_diff": round(float(np.abs(pooled - gpu).max()), 4),
+        "pool_max_abs_diff": round(float(np.abs(pooled - in_process).max()), 4),
         "pool_rank_agreement": float((pooled_ranks == ranks).mean()),
     }
 

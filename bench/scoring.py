@@ -6,10 +6,11 @@ example) vs one full prompt per candidate (the authors' way), same model and can
     python bench/scoring.py --prompt authors      # the authors' prompt: a short shared prefix
     python bench/scoring.py --device cuda --precision bf16 --backbone preset:random-qwen2-0.5b
 
-`full`: one prompt per candidate, a forward per example; `shared`: one example's shared
-prefix and its candidates' suffixes per forward; `batched`: the evaluator's path
-(`score_candidates`), the shared prefixes of --batch-size // candidates examples of a task
-padded into one forward. Prints the rates, the largest score difference from `full`, and
+`inputs`: building the batched path's inputs alone (token ids, collation; no model), a
+ceiling on the rates below; `full`: one prompt per candidate, a forward per example;
+`shared`: one example's shared prefix and its candidates' suffixes per forward; `batched`:
+the evaluator's path (`score_candidates`), the shared prefixes of --batch-size // candidates
+examples of a task padded into one forward. Prints the rates, the largest score difference from `full`, and
 last `ratio=<batched / full>`.
 """
 
@@ -43,7 +44,7 @@ def main() -> None:
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import GenSRConfig, apply_overrides
     from gensr_ray.data import contract
-    from gensr_ray.eval.gensr_scorer import score_candidates
+    from gensr_ray.eval.gensr_scorer import _task_runs, score_candidates
     from gensr_ray.inputs.build import build_features
     from gensr_ray.model.losses import answer_score
 
@@ -82,6 +83,16 @@ def main() -> None:
         scores = score_candidates(model, backbone.kind, encoder, collate, batch, all_candidates,
                                   args.batch_size, to_device)
         return [torch.from_numpy(row) for row in scores]
+
+    # the input side alone (token ids, collation): a ceiling on every rate below
+    start = time.perf_counter()
+    per_call = max(1, args.batch_size // len(candidates[0]))
+    for lo, hi in _task_runs(ex["task"], per_call):
+        collate.groups([encoder.encode_group(ex["task"][i], list(ex["history"][i]),
+                                             ex["query"][i], candidates[i])
+                        for i in range(lo, hi)])
+    rate = n * len(candidates[0]) / (time.perf_counter() - start)
+    print(f"inputs : {rate:8.1f} candidates/s (encode_group + collate, no model)")
 
     results = {}
     with torch.no_grad():

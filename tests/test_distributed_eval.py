@@ -58,6 +58,25 @@ def test_two_scoring_workers_give_the_single_process_scores(ray_cluster, checkpo
                                single.score(batch, candidates), rtol=0, atol=1e-5)
 
 
+def test_a_pass_over_requests_of_different_widths_keeps_each_in_place(ray_cluster, checkpoint):
+    """Ray Data cuts one pass into calls of EXAMPLES_PER_CALL examples: 11 + 9 examples
+    make a call that spans both requests, whose candidate lists are 7 and 3 wide."""
+    path, cfg = checkpoint
+    examples = load_eval_examples(Path(cfg.data.path), "test", max_examples=20)
+    search, rec = examples["search"], examples["rec"]
+    first = {k: v[:11] for k, v in search.items()}
+    second = {k: v[:9] for k, v in rec.items()}
+    wide = np.concatenate([first["target"][:, None], first["negatives"][:, :6]], axis=1)
+    narrow = np.concatenate([second["target"][:, None], second["negatives"][:, :2]], axis=1)
+    model, backbone, local_cfg = load_for_eval(path, cfg)
+    single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
+    pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many([(first, wide),
+                                                                    (second, narrow)])
+    assert [p.shape for p in pooled] == [(11, 7), (9, 3)]
+    np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
+
+
 def test_evaluation_results_match_between_the_paths(ray_cluster, checkpoint):
     path, cfg = checkpoint
     pooled = evaluate_run(path, cfg=cfg)

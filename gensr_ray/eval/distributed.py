@@ -23,6 +23,7 @@ from gensr_ray.eval.gensr_scorer import GenSRScorer, first_stage_pool, rerank
 # examples per task sent to an actor at a time: large enough to keep it busy between calls,
 # small enough that N actors share a few thousand examples evenly
 EXAMPLES_PER_CALL = 16
+PAD = -1  # candidate slots beyond a request's width (item ids are >= 0)
 
 
 class _ScoringActor:
@@ -39,12 +40,19 @@ class _ScoringActor:
                                   batch_size=cfg.eval.batch_size)
 
     def __call__(self, batch: dict) -> dict:
-        examples = {"task": list(batch["task"]), "query": list(batch["query"]),
-                    "history": [np.asarray(h, dtype=np.int64) for h in batch["history"]]}
+        # a batch may span two requests, whose candidate lists differ in width: each is
+        # scored at its own width, the scores padded back to the common one with NaN
         candidates = np.stack([np.asarray(c, dtype=np.int64) for c in batch["candidates"]])
-        scores = self.scorer.score(examples, candidates)
-        return {"request": batch["request"], "position": batch["position"],
-                "scores": list(scores)}
+        scores = np.full(candidates.shape, np.nan, dtype=np.float32)
+        for request in np.unique(batch["request"]):
+            rows = np.flatnonzero(batch["request"] == request)
+            width = int((candidates[rows[0]] != PAD).sum())
+            examples = {"task": [batch["task"][i] for i in rows],
+                        "query": [batch["query"][i] for i in rows],
+                        "history": [np.asarray(batch["history"][i], dtype=np.int64)
+                                    for i in rows]}
+            scores[rows, :width] = self.scorer.score(examples, candidates[rows, :width])
+        return {"request": batch["request"], "position": batch["position"], "scores": scores}
 
 
 class DistributedGenSRScorer:
@@ -80,15 +88,18 @@ class DistributedGenSRScorer:
         context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        # one block per actor call, made here: no task has to split a table before the
-        # actors, and no call mixes two requests (their candidate lists differ in width)
+        # blocks of EXAMPLES_PER_CALL examples, made here, so that the actors share the work
+        # from the first call; every request's candidate lists padded to one width, since a
+        # call (Ray Data bundles small blocks up to the batch size, which it requires where
+        # actors hold GPUs) may span two requests
+        width = max(np.shape(c)[1] for _, c in requests if len(c))
         blocks = []
         for r, (batch, candidates) in enumerate(requests):
-            table = _table(r, batch, candidates)
+            table = _table(r, batch, candidates, width)
             blocks += [table.slice(lo, EXAMPLES_PER_CALL)
                        for lo in range(0, len(candidates), EXAMPLES_PER_CALL)]
         scored = ray.data.from_arrow(blocks).map_batches(
-            _ScoringActor, batch_size=None, batch_format="numpy",
+            _ScoringActor, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
             fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
             compute=ray.data.ActorPoolStrategy(size=e.num_workers),
             num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
@@ -96,14 +107,18 @@ class DistributedGenSRScorer:
         with tqdm(total=total, unit="ex", desc=f"gensr scoring ({e.num_workers} workers)",
                   mininterval=5, disable=total < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
             for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
-                request = int(part["request"][0])
-                out[request][part["position"]] = np.stack(part["scores"])
+                for request in np.unique(part["request"]):
+                    rows = part["request"] == request
+                    scores = out[request]
+                    scores[part["position"][rows]] = part["scores"][rows, :scores.shape[1]]
                 bar.update(len(part["position"]))
         return out
 
 
-def _table(request: int, batch: dict, candidates: np.ndarray) -> pa.Table:
+def _table(request: int, batch: dict, candidates: np.ndarray, width: int) -> pa.Table:
     n = len(candidates)
+    padded = np.full((n, width), PAD, dtype=np.int64)
+    padded[:, :np.shape(candidates)[1]] = candidates
     return pa.table({
         "request": pa.array(np.full(n, request), pa.int64()),
         "position": pa.array(np.arange(n), pa.int64()),
@@ -111,5 +126,5 @@ def _table(request: int, batch: dict, candidates: np.ndarray) -> pa.Table:
         "query": pa.array(list(batch["query"]), pa.string()),
         "history": pa.array([np.asarray(h).tolist() for h in batch["history"]],
                             pa.list_(pa.int64())),
-        "candidates": pa.array(np.asarray(candidates).tolist(), pa.list_(pa.int64())),
+        "candidates": pa.array(padded.tolist(), pa.list_(pa.int64())),
     })
