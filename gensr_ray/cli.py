@@ -109,6 +109,17 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"results written to {args.out} ({time.perf_counter() - started:.1f}s)")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from gensr_ray.export import export_checkpoint
+
+    started = time.perf_counter()
+    out = export_checkpoint(args.checkpoint, args.out, args.which)
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    print(f"exported to {out} ({time.perf_counter() - started:.1f}s): "
+          f"{', '.join(f for f in files if not f.startswith('backbone/'))}"
+          f"{', backbone/' if (out / 'backbone').is_dir() else ''}")
+
+
 def _check_writable(path: Path) -> None:
     import os
 
@@ -276,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the checkpoint's config, e.g. --set eval.num_workers=4 "
                         "(repeatable)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="a checkpoint as peft adapters, safetensors and a "
+                                      "model card")
+    p.add_argument("--checkpoint", required=True,
+                   help="a gensr train --out directory or checkpoint, local or a URI")
+    p.add_argument("--which", choices=["best", "last"], default="best",
+                   help="for a gensr train --out directory: its best or its last checkpoint")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory to write (must not exist, or be empty)")
+    p.set_defaults(func=_export)
     return parser
 
 

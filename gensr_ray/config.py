@@ -29,6 +29,7 @@ SPLITS = ("valid", "test")
 FAISS_INDEXES = ("flat", "ivf")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+LR_SCHEDULES = ("constant", "cosine")
 # What validation during training reports (sampled protocol, valid split): train.best_metric
 # names one of them
 VALIDATION_METRICS = tuple(f"val/{task}/{metric}" for task in ("mean", "search", "rec")
@@ -144,6 +145,8 @@ class TrainConfig:
     lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-3, "AdamW weight decay")
     warmup_steps: int = _f(200, "linear warm-up steps")
+    lr_schedule: str = _f("constant", "after the warm-up: constant | cosine (decays to 0 at "
+                                      "train.max_steps, which it needs)", choices=LR_SCHEDULES)
     grad_clip: float = _f(1.0, "gradient clipping norm")
     negatives_per_example: int = _f(4, "stored negatives used per training example (<= 4)")
     seed: int = _f(42, "seed of model init and data order")
@@ -257,6 +260,9 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
             raise ConfigError(f"{key}={values[name]!r} is not a valid choice; expected one of: "
                               f"{shown}")
     config = cls(**values)
+    if cls is GenSRConfig and config.train.lr_schedule == "cosine" and config.train.max_steps < 1:
+        raise ConfigError("train.lr_schedule=cosine decays over train.max_steps: set it too "
+                          "(got train.max_steps=-1, run all epochs)")
     if cls is GenSRConfig and config.model.authors_splice_bug and config.model.prompt != "authors":
         raise ConfigError("model.authors_splice_bug=true applies to model.prompt=authors only "
                           f"(got model.prompt={config.model.prompt!r})")

@@ -22,6 +22,7 @@ LAYERS = [
     ("gensr_ray.cf", 4), ("gensr_ray.model", 4), ("gensr_ray.inputs", 4),
     ("gensr_ray.assemble", 5),
     ("gensr_ray.train.strategy", 6), ("gensr_ray.train.dataset", 6), ("gensr_ray.eval", 6),
+    ("gensr_ray.export", 6),
     ("gensr_ray.train.validation", 7), ("gensr_ray.train.curves", 7), ("gensr_ray.train.loop", 8), ("gensr_ray.eval.run", 7),
     ("gensr_ray.train.launch", 9), ("gensr_ray.prepare", 9),
     ("gensr_ray.sweep", 10), ("gensr_ray.study_report", 11),

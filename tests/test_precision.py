@@ -8,6 +8,7 @@ DeepSpeed path itself; tests/test_trainer.py runs the same strategy through Ray 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -180,6 +181,25 @@ def test_fp16_trains_a_decoder_and_is_refused_for_t5(data):
     t5 = _config(data, "tiny-t5", **{"scale.precision": "fp16"})
     with pytest.raises(ConfigError, match="scale.precision=fp16 is not supported"):
         build_model(t5, resolve_config_backbone(t5))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_max_steps(data):
+    cfg = _config(data, **{"train.lr_schedule": "cosine", "train.lr": 1e-3,
+                           "train.warmup_steps": 2, "train.max_steps": 6})
+    strategy, engine, backbone = _engine(cfg)
+    batch = _batch(cfg, backbone)
+    lrs = []
+    for _ in range(7):
+        _train(cfg, strategy, engine, batch, 1)
+        lrs.append(strategy.lr())
+    # DeepSpeed's schedule at iteration k (reported after k + 1 steps): linear from 0 over
+    # the 2 warm-up iterations, then half a cosine over the 4 left, 0 at the last
+    expected = [0.0, 5e-4, *(5e-4 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4))]
+    assert lrs[:6] == pytest.approx(expected, abs=1e-9), lrs
+    assert lrs[6] == 0.0  # past max_steps it stays at the floor
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
+    with pytest.raises(ConfigError, match="train.lr_schedule=cosine decays over train.max_steps"):
+        _config(data, **{"train.lr_schedule": "cosine"})
 
 
 def test_dropout_is_active_in_training_and_off_in_scoring(data, tmp_path):

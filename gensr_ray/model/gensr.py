@@ -300,7 +300,7 @@ def apply_subspace(lm: nn.Module, cfg: ModelConfig) -> None:
     """Inject the subspace's LoRA adapters with peft (or unfreeze everything for 'full')."""
     if cfg.subspace not in SUBSPACES:
         raise ValueError(f"model.subspace={cfg.subspace!r}; expected one of {list(SUBSPACES)}")
-    adapters, per_task = SUBSPACES[cfg.subspace]
+    adapters = SUBSPACES[cfg.subspace][0]
     if not adapters:
         for p in lm.parameters():
             p.requires_grad_(True)
@@ -315,10 +315,14 @@ def apply_subspace(lm: nn.Module, cfg: ModelConfig) -> None:
         p.requires_grad_("lora_" in name)
     if not any(p.requires_grad for p in lm.parameters()):
         raise ValueError(f"model.lora_targets={cfg.lora_targets} matched no module of the backbone")
-    # the default routing (used when a batch is not split by task): the first task's adapters
-    default = per_task["rec"]
+    route_default(lm, cfg)
+
+
+def route_default(lm: nn.Module, cfg: ModelConfig) -> None:
+    """The routing used when a batch is not split by task: the rec task's adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    default = SUBSPACES[cfg.subspace][1]["rec"]
     for m in lm.modules():
         if isinstance(m, BaseTunerLayer):
             m._active_adapter = list(default)

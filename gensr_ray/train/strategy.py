@@ -69,14 +69,23 @@ def deepspeed_config(cfg: GenSRConfig, world_size: int) -> dict:
             "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999],
                        "eps": 1e-8, **_torch_adamw(s)},
         },
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
-                       "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"},
-        },
+        "scheduler": _scheduler(t),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def _scheduler(t) -> dict:
+    if t.lr_schedule == "cosine":
+        # DeepSpeed's WarmupCosineLR scales the optimizer's lr: 0 -> lr linearly over the
+        # warm-up, then half a cosine down to 0 at max_steps
+        return {"type": "WarmupCosineLR",
+                "params": {"total_num_steps": t.max_steps, "warmup_min_ratio": 0.0,
+                           "warmup_num_steps": max(2, t.warmup_steps), "cos_min_ratio": 0.0,
+                           "warmup_type": "linear"}}
+    return {"type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+                       "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"}}
 
 
 def _torch_adamw(s) -> dict:
