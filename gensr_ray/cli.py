@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import time
@@ -198,7 +197,9 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gensr", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the workers' output on this console "
+                             "(default: in Ray's log files)")
     parser.add_argument("--version", action="version", version=f"gensr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -302,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gensr_ray.console import configure
+
+    configure(args.verbose)
     from gensr_ray.checkpoint import CheckpointError
     from gensr_ray.config import ConfigError
     from gensr_ray.data.contract import DataError

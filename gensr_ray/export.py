@@ -23,7 +23,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
 
 from gensr_ray.assemble import load_for_eval, resolve_config_backbone

@@ -29,12 +29,19 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # keeps a local cluster's sockets on 127.0.0.1 instead of the machine's address
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from gensr_ray.console import quiet_ray_data, verbose
+
+    quiet_ray_data()
+
+    # workers' output stays in Ray's log files unless -v; the driver shows its own progress
+    log_to_driver = verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
         return
     reap_orphaned_agents()
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
-             include_dashboard=include_dashboard, _temp_dir=temp_dir, log_to_driver=True,
+             include_dashboard=include_dashboard, _temp_dir=temp_dir,
+             log_to_driver=log_to_driver,
              _node_ip_address="127.0.0.1")
     _LOCAL_CLUSTER = True
 

@@ -64,7 +64,7 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     if seed is not None:  # one run of a multi-seed trial
         cfg = apply_overrides(cfg, {"train.seed": seed})
     out = Path(ray.tune.get_context().get_trial_dir()) / "run"
-    summary = run_training(cfg, out, callbacks=[TuneReportCallback()])
+    summary = run_training(cfg, out, callbacks=[TuneReportCallback()], progress=False)
     # the best checkpoint when the trial validated during training; scored in the trial's
     # own process: scoring workers would need resources outside the trial's reservation
     results = evaluate_run(summary.get("best_checkpoint") or summary["checkpoint"],

@@ -88,7 +88,7 @@ def test_adapters_load_with_peft_alone_and_hold_the_trained_weights(data, tmp_pa
 
     from gensr_ray.model.backbone import load_backbone
 
-    checkpoint, cfg = _checkpoint(data, tmp_path, "shared_lora")
+    checkpoint, _ = _checkpoint(data, tmp_path, "shared_lora")
     out = export_checkpoint(checkpoint, tmp_path / "export")
     base = load_backbone(out / "backbone").model
     lm = PeftModel.from_pretrained(base, str(out / "adapters" / "shared"), adapter_name="shared")

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (module prefix, layer): the longest matching prefix wins; higher layers import lower ones
 LAYERS = [
     ("gensr_ray.config", 0), ("gensr_ray.atomic", 0),
+    ("gensr_ray.console", 0),
     ("gensr_ray.storage", 1), ("gensr_ray.ray_init", 1), ("gensr_ray.tracking", 1),
     ("gensr_ray.data.contract", 2),
     ("gensr_ray.data", 3), ("gensr_ray.checkpoint", 3),
@@ -23,7 +24,8 @@ LAYERS = [
     ("gensr_ray.assemble", 5),
     ("gensr_ray.train.strategy", 6), ("gensr_ray.train.dataset", 6), ("gensr_ray.eval", 6),
     ("gensr_ray.export", 6),
-    ("gensr_ray.train.validation", 7), ("gensr_ray.train.curves", 7), ("gensr_ray.train.loop", 8), ("gensr_ray.eval.run", 7),
+    ("gensr_ray.train.validation", 7), ("gensr_ray.train.curves", 7),
+    ("gensr_ray.train.progress", 7), ("gensr_ray.train.loop", 8), ("gensr_ray.eval.run", 7),
     ("gensr_ray.train.launch", 9), ("gensr_ray.prepare", 9),
     ("gensr_ray.sweep", 10), ("gensr_ray.study_report", 11),
     ("gensr_ray.study", 12),

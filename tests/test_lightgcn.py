@@ -68,7 +68,7 @@ def test_train_edges_are_exactly_the_train_split(tmp_path):
 
 def test_training_lowers_loss_and_ranks_held_out_cluster_item_first(tmp_path, caplog):
     root = write_clustered(tmp_path)
-    with caplog.at_level(logging.INFO, logger="gensr_ray.cf.lightgcn"):
+    with caplog.at_level(logging.DEBUG, logger="gensr_ray.cf.lightgcn"):
         tables = train_lightgcn(root, FAST)
     assert "lightgcn epoch 100/100" in caplog.text
     assert tables.user_emb.shape == (12, 64) and tables.item_emb.shape == (20, 64)

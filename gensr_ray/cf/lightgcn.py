@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
@@ -133,7 +135,10 @@ def fit_lightgcn(
     log_every = max(1, config.epochs // 10)
     losses: list[float] = []
     start = time.monotonic()
-    for epoch in range(config.epochs):
+    # the one display of a long pretraining on a terminal; the epoch lines under -v
+    epochs = tqdm(range(config.epochs), desc="LightGCN", unit="epoch", disable=None,
+                  leave=False, file=sys.stderr)
+    for epoch in epochs:
         order = rng.permutation(users.size)
         batch_users, batch_pos = users[order], items[order]
         batch_neg = sample_unseen(rng, batch_users, seen_keys, n_items)
@@ -155,8 +160,9 @@ def fit_lightgcn(
             optimizer.step()
             epoch_loss += loss.item() * u.numel()
         losses.append(epoch_loss / users.size)
+        epochs.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
         if (epoch + 1) % log_every == 0 or epoch == 0 or epoch + 1 == config.epochs:
-            log.info(
+            log.debug(
                 "lightgcn epoch %d/%d loss %.4f (%.1fs)",
                 epoch + 1, config.epochs, losses[-1], time.monotonic() - start,
             )

@@ -38,6 +38,8 @@ from gensr_ray.tracking import Tracker
 from gensr_ray.train.curves import plot_training, read_metrics
 from gensr_ray.train.dataset import training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
+from gensr_ray.train.progress import TrainingProgress
+from gensr_ray.train.strategy import configure_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,9 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # DeepSpeed may be imported here too (by transformers' integrations): it would probe
+    # for a GPU and warn that it found none
+    configure_accelerator(cfg.scale.use_gpu)
     ensure_ray()
     check_resources(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -201,11 +206,13 @@ def _in_current_placement_group(ds):
     return ds
 
 
-def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = None) -> dict:
+def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = None,
+                 progress: bool = True) -> dict:
     """Train with Ray Train; returns {"checkpoint": path or URI, "metrics": dict}, also
     written to <out>/train_summary.json. `out` may be a local directory or a URI.
 
-    `callbacks`: extra Ray Train callbacks (Tune trials pass TuneReportCallback)."""
+    `callbacks`: extra Ray Train callbacks (Tune trials pass TuneReportCallback);
+    `progress`: the driver's progress display (gensr_ray.train.progress)."""
     where = run_location(cfg, out)
     if not storage.is_uri(where.out):
         Path(where.out).mkdir(parents=True, exist_ok=True)
@@ -213,7 +220,9 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
         data = validate_dataset(cfg.data.path)  # before any worker starts
         remove_incomplete(where.run_dir)  # saves cut short by a crash; resume skips them too
         try:
-            result = fit(cfg, where, callbacks=callbacks, data=data)
+            with TrainingProgress(where.metrics, cfg.train.max_steps, score_metric(cfg),
+                                  quiet=not progress):
+                result = fit(cfg, where, callbacks=callbacks, data=data)
         except Exception as exc:  # Ray raises a worker's error wrapped in its own
             raise _user_error(exc) or exc from exc
         if result.error is not None:

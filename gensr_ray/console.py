@@ -1,0 +1,57 @@
+"""What a run prints: by default the driver's own lines and progress displays, with the
+libraries' notices below warnings hidden and the workers' output left in Ray's log files
+(/tmp/ray/session_latest/logs); `-v` shows everything, at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# loggers whose INFO lines are start-up chatter on every run
+_LIBRARIES = ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed",
+              "transformers", "torch.distributed", "filelock", "urllib3", "matplotlib",
+              "faiss")  # faiss: which CPU build it loads, with the ones it could not
+
+_verbose = False
+
+
+def configure(verbose: bool) -> None:
+    """Set up this process's console before Ray, DeepSpeed or transformers start."""
+    global _verbose
+    _verbose = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    for name in _LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers' weight-loading bars and advisory notices (local mode loads in-process)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Ray's notice that a local cluster uses token authentication (it does, as it should)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def verbose() -> bool:
+    """-v was given: workers' output reaches the driver's console too."""
+    return _verbose
+
+
+def quiet_ray_data() -> None:
+    """Ray Data configures its own loggers on import (a file in the session's logs and the
+    console, both at INFO): its console handler keeps warnings only, less its notice that
+    the progress bars this project replaces are off."""
+    if _verbose:
+        return
+    import ray.data  # noqa: F401 - the import sets up the handlers changed here
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console; files keep INFO
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: "Progress bars disabled" not in record.getMessage())

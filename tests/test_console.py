@@ -1,0 +1,66 @@
+"""What a run prints: one progress display on the driver, the libraries' chatter hidden."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gensr_ray.train.progress import TrainingProgress, describe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _row(step: int, **extra) -> str:
+    return json.dumps({"step": step, "loss": 0.5 / step, "loss_answer": 0.4 / step,
+                       "loss_contrastive": 2.0, "rows_per_s": 123.4, **extra})
+
+
+def test_progress_follows_the_reports_of_this_run_only(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(_row(5) + "\n")  # an earlier attempt of the same run
+    out = io.StringIO()
+    with TrainingProgress(str(metrics), 40, "val/mean/NDCG@10", interval=0.05,
+                          line_every=0, stream=out):
+        with metrics.open("a") as f:
+            f.write(_row(10) + "\n")
+        time.sleep(0.3)
+        with metrics.open("a") as f:
+            f.write(_row(20, **{"val/mean/NDCG@10": 0.4}) + "\n" + _row(40) + "\n")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("step 10/40 | loss 0.0500 (answer 0.0400, contrastive 2.0000) | "
+                        "123 rows/s")
+    # the validation stays on show after the report that carried it
+    assert lines[-1].startswith("step 40/40") and lines[-1].endswith("val/mean/NDCG@10 0.4000 @20")
+    assert not any(line.startswith("step 5") for line in lines)
+
+
+def test_describe_leaves_out_what_a_report_lacks():
+    assert describe({"step": 3, "loss": 0.25}, None) == "loss 0.2500"
+    assert describe({"step": 3, "rows_per_s": 9.6}, ("val/rec/HR@10", 0.5, 2)) == \
+        "10 rows/s | val/rec/HR@10 0.5000 @2"
+
+
+def test_a_training_run_prints_progress_and_no_library_noise(tmp_path):
+    """A real `gensr train` (its own local Ray cluster, 1 ZeRO-3 worker): the console holds
+    the driver's lines; workers' output, Ray's INFO lines, DeepSpeed's and transformers'
+    notices stay out of it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "gensr_ray.cli", "train", "--config", "configs/debug.yaml",
+         "--out", str(tmp_path / "run"), "--set", f"data.path={tmp_path / 'data'}",
+         "--set", "train.max_steps=6", "--set", "train.log_every=3",
+         "--set", "scale.num_workers=1", "--set", "scale.cpus_per_worker=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    console = run.stdout + run.stderr
+    assert "step 6/6 | loss" in run.stderr
+    assert "final checkpoint:" in run.stdout
+    for noise in ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "WARNING",
+                  "Loading weights", "lightgcn epoch", "DeepSpeed", "Traceback"):
+        assert noise not in console, (noise, console[-3000:])
