@@ -217,6 +217,17 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    wandb: bool = _f(False, "log each report to Weights & Biases through Ray's integration "
+                            "(rank 0; WANDB_MODE=offline keeps it on disk)")
+    mlflow: bool = _f(False, "log each report to MLflow through Ray's integration (rank 0; "
+                             "'@' in metric names becomes '_at_')")
+    project: str = _f("gensr", "W&B project and MLflow experiment")
+    mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: $MLFLOW_TRACKING_URI, "
+                                      "else <out>/mlruns)")
+
+
+@dataclass
 class GenSRConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,6 +235,7 @@ class GenSRConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

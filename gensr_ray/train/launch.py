@@ -79,6 +79,22 @@ class RunLocation:
         return storage.join(self.out, "tensorboard")
 
 
+    def loggers(self, cfg: GenSRConfig) -> dict:
+        """Where the rank-0 worker's W&B and MLflow runs write (gensr_ray.tracking.RunLoggers):
+        W&B's files in <out>/wandb (for an --out on object storage, this node's cache); MLflow to log.mlflow_tracking_uri, $MLFLOW_TRACKING_URI
+        (read here, on the driver) or a file store in <out>/mlruns."""
+        local = not storage.is_uri(self.out)
+        uri = cfg.log.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if cfg.log.mlflow and not uri:
+            if not local:
+                raise ConfigError("log.mlflow with an --out on object storage needs "
+                                  "log.mlflow_tracking_uri (or $MLFLOW_TRACKING_URI)")
+            uri = Path(self.out, "mlruns").as_uri()
+        # W&B writes into <dir>/wandb
+        wandb_dir = self.out if local else str(storage.cache_root() / "wandb" / self.name)
+        return {"name": self.name, "wandb_dir": wandb_dir, "mlflow_uri": uri or None}
+
+
 def run_location(cfg: GenSRConfig, out: str | Path) -> RunLocation:
     out = storage.absolute(out)
     return RunLocation(out, storage.absolute(cfg.scale.storage_path or storage.join(out, "ray")))
@@ -168,7 +184,7 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
         train_loop_per_worker,
         # the config object crosses the Ray boundary as it is (pickled), never as a dict
         train_loop_config={"cfg": cfg, "run_dir": where.run_dir, "data": data,
-                           "tensorboard": where.tensorboard},
+                           "tensorboard": where.tensorboard, "loggers": where.loggers(cfg)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources,

@@ -19,8 +19,17 @@ from gensr_ray.train.validation import BestTracker, Validator
 
 def train_loop_per_worker(config: dict) -> None:
     cfg: GenSRConfig = config["cfg"]
-    data = config.get("data")  # the dataset's fingerprint: every checkpoint records it
-    strategy = Strategy(cfg, run_dir=config.get("run_dir"), tensorboard=config.get("tensorboard"))
+    strategy = Strategy(cfg, run_dir=config.get("run_dir"), tensorboard=config.get("tensorboard"),
+                        loggers=config.get("loggers"))
+    try:
+        _train(cfg, strategy, config.get("data"))
+    finally:
+        strategy.close()
+
+
+def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
+    """The loop of one worker; `data`: the dataset's fingerprint, which every checkpoint
+    records."""
 
     # this node's copy of the backbone (presets built, URIs mirrored, once per node)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))

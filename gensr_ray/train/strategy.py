@@ -33,7 +33,7 @@ from gensr_ray.checkpoint import (
     write_model_export,
 )
 from gensr_ray.config import GenSRConfig
-from gensr_ray.tracking import Tracker
+from gensr_ray.tracking import RunLoggers, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Strategy:
     (a path or URI): resuming looks there for the newest intact checkpoint."""
 
     def __init__(self, cfg: GenSRConfig, context=None, run_dir: str | None = None,
-                 tensorboard: str | None = None):
+                 tensorboard: str | None = None, loggers: dict | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.tracker = Tracker(tensorboard)  # local mode only: a worker group's driver logs
@@ -147,6 +147,9 @@ class Strategy:
         self.context = context
         self.rank = self.context.get_world_rank()
         self.world_size = self.context.get_world_size()
+        # W&B / MLflow (log.wandb, log.mlflow): rank 0 logs each report
+        self.loggers = RunLoggers(cfg.log, cfg.to_dict(), **(loggers or {})) \
+            if self.rank == 0 and (cfg.log.wandb or cfg.log.mlflow) else None
         self.engine = None
         self._init_process_group()
 
@@ -260,6 +263,8 @@ class Strategy:
         import ray.train
 
         local = _local_mode(self.context)
+        if self.loggers is not None:
+            self.loggers.log(metrics)
         if state is None:
             ray.train.report(metrics)
             if local:
@@ -279,6 +284,12 @@ class Strategy:
                 self._log_local(metrics, storage.uri_of(checkpoint.filesystem, checkpoint.path))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # Ray has copied it to storage
+
+    def close(self) -> None:
+        """End the W&B / MLflow runs and the local-mode TensorBoard writer."""
+        if self.loggers is not None:
+            self.loggers.close()
+        self.tracker.close()
 
     def _log_local(self, metrics: dict, checkpoint: str | None) -> None:
         """Local mode runs no Ray Train callbacks: append the report to the run's
