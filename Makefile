@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(GENSR) eval --checkpoint $(RUN) --baselines --out $(RUN)/results.json
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

@@ -48,11 +48,17 @@ def _loader_options(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    from gensr_ray.config import ConfigError
     from gensr_ray.data.writer import WriteOptions
     from gensr_ray.prepare import prepare_dataset
 
+    for flag, value in (("--train-negatives", args.train_negatives),
+                        ("--eval-negatives", args.eval_negatives)):
+        if value < 1:
+            raise ConfigError(f"{flag}={value}: every example needs at least one negative")
     write = WriteOptions(seed=args.seed, rows_per_shard=args.rows_per_shard,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, train_negatives=args.train_negatives,
+                         eval_negatives=args.eval_negatives)
     prepare_dataset(_loader_options(args), args.out, write, with_cf=not args.no_cf)
 
 
@@ -235,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-fraction", type=float, default=None,
                    help="ml100k, synthetic, amazon: share of each user's events that become "
                         "search events (amazon default 0.5)")
+    p.add_argument("--train-negatives", type=int, default=4,
+                   help="stored negatives per training example (train.negatives_per_example "
+                        "uses up to this many)")
+    p.add_argument("--eval-negatives", type=int, default=99,
+                   help="stored negatives per valid/test example (the sampled protocol). A "
+                        "user who touched all but fewer items gets every untouched one; "
+                        "meta.json counts such examples")
     p.add_argument("--rows-per-shard", type=int, default=8192)
     p.add_argument("--no-cf", action="store_true", help="skip LightGCN pretraining")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

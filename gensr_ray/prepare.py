@@ -65,8 +65,14 @@ def prepare_dataset(options: LoaderOptions, out: Path, write: WriteOptions | Non
     counts = meta_json["counts"]
     print(f"prepared {name} in {out} ({time.perf_counter() - started:.1f}s)")
     print(format_statistics(name, meta_json))
+    short = meta_json["negatives"].get("short", {})
     for split, by_task in counts["examples"].items():
-        print(f"  {split:5s} examples: search {by_task['search']:6d}  rec {by_task['rec']:6d}")
+        lacking = short.get(split, {})
+        note = (f"  ({lacking['examples']} with fewer negatives: their users touched all but "
+                f"a few items; {lacking['missing']} negatives missing in all)"
+                if lacking.get("examples") else "")
+        print(f"  {split:5s} examples: search {by_task['search']:6d}  rec {by_task['rec']:6d}"
+              f"{note}")
     return meta_json
 
 

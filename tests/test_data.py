@@ -155,6 +155,9 @@ def _reference_tables(raw: RawDataset, opts: WriteOptions) -> dict[str, list[dic
                 continue
             count = opts.train_negatives if rank == 0 else opts.eval_negatives
             negatives: list[int] = []
+            if n_items - len(touched) <= count:  # all untouched items, in a seeded order
+                untouched = [i for i in range(n_items) if i not in touched]
+                negatives = rng.permutation(untouched).tolist()
             while len(negatives) < count:  # seeded draws of 2 * count, first fits kept
                 for candidate in rng.integers(0, n_items, size=2 * count).tolist():
                     if candidate not in touched and candidate not in negatives:
@@ -396,3 +399,68 @@ def test_a_broken_meta_json_is_one_line_naming_the_file(tmp_path, capsys, conten
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"gensr pretrain-cf: error: {out / 'meta.json'}: {message}" in err
     assert not contract.cf_path(out).exists()
+
+
+def test_users_who_touched_most_of_a_small_catalogue_keep_every_untouched_item(tmp_path, capsys):
+    """ML-100K's release format, 120 movies: five users of 12 ratings and two who rated 105
+    and 118 (more than 120 - 99): their examples store every movie they never rated (fewer
+    than 99), meta.json counts them, and the sampled protocol ranks each target among the
+    negatives its example has."""
+    from gensr_ray.eval.harness import evaluate, load_eval_examples
+    from gensr_ray.eval.metrics import NO_ITEM
+
+    heavy = {6: 105, 7: 118}
+    rows = [f"{u}\t{i}\t5\t{1000 * u + i}" for u in range(1, 6) for i in range(1, 13)]
+    rows += [f"{u}\t{i}\t4\t{1000 * u + i}" for u, n in heavy.items() for i in range(1, n + 1)]
+    source = _write_ml100k(tmp_path / "ml", inter_rows=rows)
+    out = tmp_path / "out"
+    assert gensr(["prepare", "--dataset", "ml100k", "--source", str(source), "--out", str(out),
+                  "--no-cf"]) == 0
+    printed = capsys.readouterr().out
+    meta = contract.read_meta(out)
+    touched: dict[int, set[int]] = {}
+    for row in _interactions(out):
+        touched.setdefault(row["user_id"], set()).add(row["item_id"])
+    short = {split: 0 for split in contract.SPLITS}
+    for split in contract.SPLITS:
+        wanted = 4 if split == "train" else 99
+        for ex in _examples(out, split):
+            negatives = ex["negatives"]
+            untouched = set(range(120)) - touched[ex["user_id"]]
+            assert not set(negatives) & touched[ex["user_id"]]
+            assert len(set(negatives)) == len(negatives) == min(wanted, len(untouched))
+            if len(untouched) < wanted:
+                assert set(negatives) == untouched
+                short[split] += 1
+    assert short["test"] == 4 and short["valid"] == 4  # the heavy users' two tasks
+    assert {s: v["examples"] for s, v in meta["negatives"]["short"].items()} == short
+    assert meta["negatives"]["short"]["test"]["missing"] == 2 * (99 - 15) + 2 * (99 - 2)
+    assert "4 with fewer negatives" in printed
+
+    batches = load_eval_examples(out, "test")
+    scorer = _IdScorer()
+    results = evaluate(out, "test", {"id": scorer})
+    for task, batch in batches.items():
+        assert batch["negatives"].shape[1] == 99
+        stored = [[n for n in row if n != NO_ITEM] for row in batch["negatives"]]
+        assert sum(len(s) < 99 for s in stored) == 2
+        # the id scorer ranks a target below every larger id among the example's negatives
+        expected = [sum(n >= t for n in s) for s, t in zip(stored, batch["target"])]
+        assert results["sampled_ranks"]["id"][task] == expected
+    assert gensr(["prepare", "--dataset", "ml100k", "--source", str(source), "--out",
+                  str(tmp_path / "none"), "--eval-negatives", "0"]) == 2
+    assert "--eval-negatives=0: every example needs at least one negative" in \
+        capsys.readouterr().err
+
+
+class _IdScorer:
+    """Scores an item by its id: ranks are countable by hand."""
+
+    name = "id"
+    tasks = ("search", "rec")
+
+    def score(self, batch, candidates):
+        return np.asarray(candidates, dtype=np.float64)
+
+    def retrieve(self, batch, k, exclude_per_example):
+        return np.tile(np.arange(119, 119 - k, -1), (len(batch["target"]), 1))

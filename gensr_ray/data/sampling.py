@@ -1,7 +1,8 @@
 """Negative sampling: the one place items a user never touched are drawn.
 
 - `sample_untouched`: the stored negatives of an example (distinct items, none the user ever
-  touched), drawn once when a dataset is written;
+  touched; fewer when the user touched nearly the whole catalogue), drawn once when a dataset
+  is written;
 - `sample_unseen`: one negative per training edge for pairwise losses (LightGCN's BPR,
   SASRec), outside the user's training items, vectorised over edges.
 """
@@ -13,14 +14,16 @@ import numpy as np
 from gensr_ray.data.contract import DataError
 
 
-def sample_untouched(rng: np.random.Generator, n_items: int, touched: set[int], count: int,
-                     user_label: str) -> np.ndarray:
-    """`count` distinct items outside `touched`, by rejection (catalogues dwarf histories)."""
+def sample_untouched(rng: np.random.Generator, n_items: int, touched: set[int], count: int
+                     ) -> np.ndarray:
+    """`count` distinct items outside `touched`, by rejection (catalogues dwarf histories).
+
+    A user who touched all but fewer than `count` items gets every untouched item (in a random
+    order): never an item the user touched, and the shortfall shows as a shorter list."""
     available = n_items - len(touched)
-    if available < count:
-        raise DataError(
-            f"user {user_label}: only {available} untouched items, {count} negatives needed"
-        )
+    if available <= count:
+        untouched = np.setdiff1d(np.arange(n_items), np.fromiter(touched, np.int64, len(touched)))
+        return rng.permutation(untouched).astype(np.int32)
     chosen: list[int] = []
     picked: set[int] = set()
     while len(chosen) < count:

@@ -198,7 +198,7 @@ def build_examples(data: Interactions, n_items: int, opts: WriteOptions
                 "timestamp": stamp,
                 "history": history,
                 "target": item,
-                "negatives": sample_untouched(rng, n_items, touched, count, str(user)),
+                "negatives": sample_untouched(rng, n_items, touched, count),
             }
             next_id += 1
 
@@ -303,8 +303,8 @@ def write_dataset(raw: RawDataset, out: Path, opts: WriteOptions | None = None,
             schema=contract.USERS_SCHEMA))
         users.close()
         _write_interactions(data, contract.interactions_dir(tmp), opts.rows_per_shard)
-        example_counts = _write_examples(data, len(raw.item_ids), tmp, opts)
-        meta = _meta(raw, opts, len(user_raw), data, example_counts)
+        example_counts, short = _write_examples(data, len(raw.item_ids), tmp, opts)
+        meta = _meta(raw, opts, len(user_raw), data, example_counts, short)
         meta["shards"] = shard_counts(tmp)  # checked before training and evaluation
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(raw, meta))
@@ -329,21 +329,30 @@ def _write_interactions(data: Interactions, directory: Path, rows_per_shard: int
 
 
 def _write_examples(data: Interactions, n_items: int, root: Path, opts: WriteOptions
-                    ) -> list[list[int]]:
-    """Write every split's examples as they are built; returns counts[split][task]."""
+                    ) -> tuple[list[list[int]], list[list[int]]]:
+    """Write every split's examples as they are built; returns counts[split][task] and
+    [examples short of negatives, negatives lacking] per split."""
     writers = [ShardWriter(contract.examples_dir(root, name), contract.EXAMPLES_SCHEMA,
                            opts.rows_per_shard) for name in contract.SPLITS]
     counts = [[0] * len(contract.TASKS) for _ in contract.SPLITS]
+    # examples whose user left fewer untouched items than the negatives asked for, and the
+    # negatives they lack in all, per split
+    short = [[0, 0] for _ in contract.SPLITS]
     for rank, row in build_examples(data, n_items, opts):
         writers[rank].append(row)
         counts[rank][contract.TASK_IDS[row["task"]]] += 1
+        lacking = (opts.train_negatives if rank == 0 else opts.eval_negatives) - len(
+            row["negatives"])
+        if lacking > 0:
+            short[rank][0] += 1
+            short[rank][1] += lacking
     for writer in writers:
         writer.close()
-    return counts
+    return counts, short
 
 
 def _meta(raw: RawDataset, opts: WriteOptions, n_users: int, data: Interactions,
-          example_counts: list[list[int]]) -> dict:
+          example_counts: list[list[int]], short: list[list[int]]) -> dict:
     n_tasks = len(contract.TASKS)
     by_split = np.bincount(data.split.astype(np.int64) * n_tasks + data.tasks,
                            minlength=len(contract.SPLITS) * n_tasks).reshape(-1, n_tasks)
@@ -352,7 +361,13 @@ def _meta(raw: RawDataset, opts: WriteOptions, n_users: int, data: Interactions,
         "source": raw.source,
         "seed": opts.seed,
         "max_history": opts.max_history,
-        "negatives": {"train": opts.train_negatives, "eval": opts.eval_negatives},
+        "negatives": {
+            "train": opts.train_negatives, "eval": opts.eval_negatives,
+            # users who touched all but fewer items keep every untouched one: per split, the
+            # examples stored with fewer negatives and the negatives they lack in all
+            "short": {s: {"examples": short[r][0], "missing": short[r][1]}
+                      for r, s in enumerate(contract.SPLITS)},
+        },
         "counts": {
             "users": n_users,
             "items": len(raw.item_ids),

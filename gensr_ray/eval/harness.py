@@ -27,7 +27,14 @@ import numpy as np
 
 from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
-from gensr_ray.eval.metrics import DEFAULT_KS, full_metrics, sampled_metrics, sampled_ranks
+from gensr_ray.eval.metrics import (
+    DEFAULT_KS,
+    NO_ITEM,
+    full_metrics,
+    sampled_candidates,
+    sampled_metrics,
+    stored_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +73,14 @@ def load_eval_examples(data_dir: Path, split: str, max_examples: int = 0,
         if 0 < max_examples < rows.size:
             rng = np.random.default_rng([seed, contract.TASKS.index(name)])
             rows = np.sort(rng.choice(rows, size=max_examples, replace=False))
-        widths = {len(negatives[r]) for r in rows}
-        if len(widths) != 1 or 0 in widths:
-            raise DataError(
-                f"{directory}: {name} examples have {sorted(widths)} negatives; every example of "
-                "a split must store the same non-zero number"
-            )
+        # a user who touched nearly the whole catalogue has fewer negatives: padded with
+        # NO_ITEM to the widest example's count (see metrics.sampled_candidates)
+        width = max(len(negatives[r]) for r in rows)
+        if width == 0:
+            raise DataError(f"{directory}: no {name} example stores any negative")
+        stored = np.full((rows.size, width), NO_ITEM, dtype=np.int64)
+        for i, r in enumerate(rows):
+            stored[i, :len(negatives[r])] = negatives[r]
         batches[name] = {
             "example_id": example_id[rows],
             "task": [name] * rows.size,
@@ -79,7 +88,7 @@ def load_eval_examples(data_dir: Path, split: str, max_examples: int = 0,
             "query": [query[r] for r in rows],
             "history": [np.asarray(history[r], dtype=np.int64) for r in rows],
             "target": target[rows],
-            "negatives": np.asarray([negatives[r] for r in rows], dtype=np.int64),
+            "negatives": stored,
         }
     unknown = set(task.tolist()) - set(contract.TASKS)
     if unknown:
@@ -220,9 +229,9 @@ def evaluate(
             ranks, retrieved = [], []
             for lo in range(0, n, CHUNK):
                 part = _chunk(batch, lo, lo + CHUNK)
-                candidates = np.concatenate([part["target"][:, None], part["negatives"]], axis=1)
+                candidates = sampled_candidates(part["target"], part["negatives"])
                 scores = np.asarray(scorer.score(part, candidates), dtype=np.float64)
-                ranks.append(sampled_ranks(scores[:, 0], scores[:, 1:]))
+                ranks.append(stored_ranks(scores, part["negatives"]))
                 retrieved.append(scorer.retrieve(part, full_k, excluded[task][lo : lo + CHUNK]))
             ranks_of[task] = np.concatenate(ranks).tolist()
             per_task[task] = {
@@ -246,13 +255,12 @@ def _evaluate_in_one_pass(scorer, batches: dict, excluded: dict, ks: tuple, full
         pools[task] = np.concatenate([
             scorer.pool(_chunk(batch, lo, lo + CHUNK), full_k, excluded[task][lo:lo + CHUNK])
             for lo in range(0, n, CHUNK)])
-        sampled = np.concatenate([batch["target"][:, None], batch["negatives"]], axis=1)
+        sampled = sampled_candidates(batch["target"], batch["negatives"])
         requests += [(batch, sampled), (batch, np.where(pools[task] >= 0, pools[task], 0))]
     scores = scorer.score_many(requests)
     per_task = {}
     for i, task in enumerate(tasks):
-        sampled = np.asarray(scores[2 * i], dtype=np.float64)
-        ranks = sampled_ranks(sampled[:, 0], sampled[:, 1:])
+        ranks = stored_ranks(scores[2 * i], batches[task]["negatives"])
         ranks_of[task] = ranks.tolist()
         retrieved = order_pool(pools[task], scores[2 * i + 1], full_k)
         per_task[task] = {

@@ -3,6 +3,8 @@
 Sampled protocol (the paper's): each example ranks its target against stored negatives; a
 target's rank is how many negatives score at least as high, so a model that gives every
 candidate the same score gets the worst rank, not the best (ties never favour the target).
+An example whose user touched all but a few items is stored with fewer negatives and ranks
+its target among those.
 
 Full-catalogue protocol: a retriever returns the top K item ids out of the whole catalogue; each
 example has exactly one relevant item (its target), so Recall@K is "target in the top K".
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10, 20)
+NO_ITEM = -1  # an empty negative slot (see sampled_candidates)
 
 
 def sampled_ranks(target_scores: np.ndarray, negative_scores: np.ndarray) -> np.ndarray:
@@ -33,6 +36,26 @@ def sampled_ranks(target_scores: np.ndarray, negative_scores: np.ndarray) -> np.
     if np.isnan(target).any() or np.isnan(negatives).any():
         raise ValueError("scores contain NaN; the model produced invalid scores")
     return (negatives >= target[:, None]).sum(axis=1).astype(np.int64)
+
+
+def sampled_candidates(target: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """[n, 1 + m] candidates of the sampled protocol: the target, then the stored negatives.
+
+    An example stored with fewer negatives than its split's widest (its user touched nearly
+    the whole catalogue) has its empty slots, NO_ITEM, filled with its target: a valid id to
+    score, whose score `stored_ranks` ignores."""
+    target = np.asarray(target, dtype=np.int64)
+    negatives = np.asarray(negatives, dtype=np.int64).reshape(len(target), -1)
+    filled = np.where(negatives == NO_ITEM, target[:, None], negatives)
+    return np.concatenate([target[:, None], filled], axis=1)
+
+
+def stored_ranks(scores: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """`sampled_ranks` of [n, 1 + m] scores of `sampled_candidates`: each target ranked among
+    the negatives its example has (empty slots never outrank it)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    present = np.asarray(negatives).reshape(len(scores), -1) != NO_ITEM
+    return sampled_ranks(scores[:, 0], np.where(present, scores[:, 1:], -np.inf))
 
 
 def sampled_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.eval.gensr_scorer import score_candidates
 from gensr_ray.eval.harness import load_eval_examples
-from gensr_ray.eval.metrics import sampled_metrics, sampled_ranks
+from gensr_ray.eval.metrics import sampled_candidates, sampled_metrics, stored_ranks
 
 KS = (10,)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("HR", "NDCG"))
@@ -65,10 +65,10 @@ class Validator:
         floats over ranks."""
         sums: dict[str, float] = {}
         for task, (batch, weight) in self.shares.items():
-            candidates = np.concatenate([batch["target"][:, None], batch["negatives"]], axis=1)
+            candidates = sampled_candidates(batch["target"], batch["negatives"])
             scores = score_candidates(forward, self.kind, self.encoder, self.collate, batch,
                                       candidates, self.batch_size, to_device)
-            ranks = sampled_ranks(scores[:, 0], scores[:, 1:])[weight > 0]
+            ranks = stored_ranks(scores, batch["negatives"])[weight > 0]
             # a rank may hold no example (fewer examples than ranks): it adds zeros
             values = sampled_metrics(ranks, KS) if ranks.size else dict.fromkeys(METRICS, 0.0)
             sums.update({f"{task}/{m}": values[m] * ranks.size for m in METRICS})
