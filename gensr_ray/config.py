@@ -61,6 +61,7 @@ RANGES: dict[str, tuple] = {
     "train.eval_every": _NON_NEGATIVE, "train.eval_examples": _AT_LEAST_1,
     "train.patience": _NON_NEGATIVE,
     "scale.num_workers": _NON_NEGATIVE, "scale.cpus_per_worker": _POSITIVE,
+    "scale.object_store_gb": _NON_NEGATIVE,
     "scale.data_cpus": _POSITIVE, "scale.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
     "scale.zero3_persistence_threshold": _NON_NEGATIVE,
     "scale.max_failures": (lambda v: v >= -1, "-1 (unlimited) or >= 0"),
@@ -189,6 +190,9 @@ class ScaleConfig:
                                          "(one node each) | STRICT_PACK",
                                      choices=PLACEMENT_STRATEGIES)
     num_to_keep: int = _f(2, "checkpoints kept")
+    object_store_gb: float = _f(0.0, "object store of a local cluster this process starts, "
+                                     "GiB (0: 30 % of this machine's memory, within /dev/shm); "
+                                     "a cluster's own is set by `ray start`")
 
 
 @dataclass

@@ -15,9 +15,28 @@ _LOCAL_CLUSTER = False  # this process started the cluster: it will not grow
 _AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
+MIN_OBJECT_STORE = 512 << 20
+
+
+def object_store_bytes(setting_gb: float = 0.0) -> int:
+    """A local cluster's object store: `setting_gb` (scale.object_store_gb) when given, else
+    30 % of this machine's memory (Ray's own rule) within 90 % of /dev/shm's free space,
+    where Ray keeps it: a store larger than /dev/shm falls back to slow disk. At least
+    512 MiB (what a few Ray Data blocks need)."""
+    if setting_gb > 0:
+        return int(setting_gb * (1 << 30))
+    size = 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if Path("/dev/shm").is_dir():
+        import shutil
+
+        size = min(size, 0.9 * shutil.disk_usage("/dev/shm").free)
+    return max(MIN_OBJECT_STORE, int(size))
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None,
                temp_dir: str | None = None, include_dashboard: bool = True) -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one.
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one,
+    its object store `object_store_memory` bytes (default: `object_store_bytes()`).
 
     include_dashboard=False starts no dashboard (and no job server): for images that lack the
     dashboard's dependencies (ray without the `default` extra)."""
@@ -39,7 +58,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         ray.init(log_to_driver=log_to_driver)
         return
     reap_orphaned_agents()
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or 512 << 20,
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory or object_store_bytes(),
              include_dashboard=include_dashboard, _temp_dir=temp_dir,
              log_to_driver=log_to_driver,
              _node_ip_address="127.0.0.1")

@@ -81,11 +81,12 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     import ray
     import ray.tune
 
+    from gensr_ray.ray_init import object_store_bytes
     from gensr_ray.train.launch import ensure_ray
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
+    ensure_ray(object_store_memory=object_store_bytes(cfg.scale.object_store_gb))
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     # The trial reserves a bundle for its Ray Data tasks beside its driver's; the trainer's
     # dataset runs inside the trial's group (train.launch.fit), and its workers get their own

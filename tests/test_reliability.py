@@ -4,6 +4,7 @@ each ends in one clear error, or in the work kept."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -297,3 +298,16 @@ def test_agents_left_by_a_killed_driver_are_stopped_and_live_ones_kept(tmp_path)
             driver.wait()
         for temp_dir in dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_object_store_follows_the_machine_or_the_setting():
+    from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
+    from gensr_ray.ray_init import MIN_OBJECT_STORE, object_store_bytes
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = object_store_bytes()
+    assert size == max(MIN_OBJECT_STORE, int(min(0.3 * memory, 0.9 * shutil.disk_usage(
+        "/dev/shm").free)))
+    assert object_store_bytes(1.5) == 3 << 29
+    with pytest.raises(ConfigError, match="scale.object_store_gb=-1.0 is out of range"):
+        apply_overrides(GenSRConfig(), {"scale.object_store_gb": -1.0})

@@ -55,9 +55,9 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
         cfg.data.path = str(data)
         stages = first_stages(cfg, baselines)
         if cfg.eval.num_workers > 0:  # N Ray workers, each loading the checkpoint itself
-            from gensr_ray.ray_init import ensure_ray
+            from gensr_ray.ray_init import ensure_ray, object_store_bytes
 
-            ensure_ray()
+            ensure_ray(object_store_memory=object_store_bytes(cfg.scale.object_store_gb))
             # workers read the dataset where it lies (their own mirror of a URI)
             scorers["gensr"] = DistributedGenSRScorer(
                 checkpoint, apply_overrides(cfg, {"data.path": str(source)}), stages)

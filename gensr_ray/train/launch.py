@@ -33,7 +33,7 @@ from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
-from gensr_ray.ray_init import ensure_ray, started_local_cluster
+from gensr_ray.ray_init import ensure_ray, object_store_bytes, started_local_cluster
 from gensr_ray.tracking import Tracker
 from gensr_ray.train.curves import plot_training, read_metrics
 from gensr_ray.train.dataset import training_dataset
@@ -171,7 +171,7 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
     # DeepSpeed may be imported here too (by transformers' integrations): it would probe
     # for a GPU and warn that it found none
     configure_accelerator(cfg.scale.use_gpu)
-    ensure_ray()
+    ensure_ray(object_store_memory=object_store_bytes(cfg.scale.object_store_gb))
     check_resources(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     backbone_dir = resolve_config_backbone(cfg)
