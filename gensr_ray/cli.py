@@ -125,6 +125,17 @@ def _export(args: argparse.Namespace) -> None:
           f"{', backbone/' if (out / 'backbone').is_dir() else ''}")
 
 
+def _diagnose(args: argparse.Namespace) -> None:
+    from gensr_ray.train.diagnose import print_summary, run_diagnosis
+
+    started = time.perf_counter()
+    summary = run_diagnosis(args.checkpoint, args.out, args.batches, args.examples, args.seed,
+                            args.workers, args.which)
+    print_summary(summary)
+    print(f"conflict.json and conflict.png written to {args.out} "
+          f"({time.perf_counter() - started:.1f}s)")
+
+
 def _check_writable(path: Path) -> None:
     import os
 
@@ -301,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the checkpoint's config, e.g. --set eval.num_workers=4 "
                         "(repeatable)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("diagnose", help="gradient conflict between search and "
+                                        "recommendation of a checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="a gensr train --out directory or checkpoint, local or a URI")
+    p.add_argument("--which", choices=["best", "last"], default="best",
+                   help="for a gensr train --out directory: its best or its last checkpoint")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for conflict.json and conflict.png")
+    p.add_argument("--batches", type=int, default=8, help="seeded batches (default 8)")
+    p.add_argument("--examples", type=int, default=16,
+                   help="training examples of each task per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray Train workers (default: the checkpoint config's)")
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("export", help="a checkpoint as peft adapters, safetensors and a "
                                       "model card")
