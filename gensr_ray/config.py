@@ -19,7 +19,9 @@ import yaml
 # The valid values of choice settings. They live here, below every module that implements
 # them, so a config is checked when it loads (CLI, sweep files, tests), not in a Ray worker;
 # the implementing modules check at import that they build exactly these.
-PROMPT_DESIGNS = ("authors", "title_text", "no_history_titles", "no_soft_tokens", "minimal")
+PROMPT_DESIGNS = ("authors", "title_text", "no_history_titles", "no_soft_tokens", "minimal",
+                  "task_free")
+MODEL_KINDS = ("generative", "discriminative")
 SUBSPACES = ("shared_lora", "task_lora", "task_and_shared_lora", "full")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 FIRST_STAGES = ("lightgcn", "sasrec", "popularity")  # dense: serve both tasks
@@ -126,6 +128,10 @@ class ModelConfig:
                                              "(less memory, ~30 % more compute)")
     query_in_prompt: bool = _f(True, "insert the query into search prompts (False reproduces "
                                      "the authors' bug: search prompts are query-blind)")
+    kind: str = _f("generative", "generative: the LM answers Yes/No to a task's question "
+                                 "(GenSR); discriminative: the twin GenSR argues against, the "
+                                 "task_free prompt encoded once, one linear head per task on "
+                                 "the shared representation (BCE)", choices=MODEL_KINDS)
 
 
 @dataclass
@@ -279,6 +285,10 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
     if cls is GenSRConfig and config.train.lr_schedule == "cosine" and config.train.max_steps < 1:
         raise ConfigError("train.lr_schedule=cosine decays over train.max_steps: set it too "
                           "(got train.max_steps=-1, run all epochs)")
+    if cls is GenSRConfig and config.model.kind == "discriminative" and \
+            config.model.prompt != "task_free":
+        raise ConfigError("model.kind=discriminative reads the task-free input: set "
+                          f"model.prompt=task_free (got model.prompt={config.model.prompt!r})")
     if cls is GenSRConfig and config.model.authors_splice_bug and config.model.prompt != "authors":
         raise ConfigError("model.authors_splice_bug=true applies to model.prompt=authors only "
                           f"(got model.prompt={config.model.prompt!r})")

@@ -127,3 +127,27 @@ def test_two_zero3_workers_measure_what_one_does(ray_cluster, checkpoint, tmp_pa
         assert stats["mean"] == pytest.approx(one["by_layer"][layer]["mean"], abs=1e-6)
     assert set(two["task_only"]) == {"search", "rec"}
     assert not np.isclose(two["overall"]["mean"], 0.0)  # shared adapters see both tasks
+
+
+def test_the_discriminative_twin_is_evaluated_and_diagnosed_like_gensr(ray_cluster, checkpoint,
+                                                                      tmp_path):
+    from gensr_ray.checkpoint import read_checkpoint_config
+    from gensr_ray.eval.run import evaluate_run
+
+    data = read_checkpoint_config(checkpoint).data.path
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": data, "model.backbone": "preset:tiny-llama", "model.prompt": "task_free",
+        "model.kind": "discriminative", "model.lora_targets": ["q_proj", "v_proj"],
+        "scale.num_workers": 1, "scale.cpus_per_worker": 1.0, "eval.num_workers": 0,
+        "eval.max_examples": 5, "eval.rerank_depth": 10})
+    model, _ = build_model(cfg, resolve_config_backbone(cfg))
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    write_model_export(tmp_path / "twin" / "model", weights, cfg,
+                       {"step": 0, "data": fingerprint(Path(data))})
+    results = evaluate_run(tmp_path / "twin", cfg=cfg)
+    for task in ("search", "rec"):
+        assert set(results["models"]["gensr"][task]) == {"sampled", "full"}
+    summary = run_diagnosis(str(tmp_path / "twin"), tmp_path / "diagnosis", batches=1,
+                            per_task=4)
+    assert summary["task_only"]["heads"]["params"] == 2  # weight and bias, one row per task
+    assert summary["overall"]["mean"] is not None

@@ -340,3 +340,48 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
         torch.testing.assert_close(together, torch.cat([s for _, s in pairs]), rtol=1e-4,
                                    atol=1e-5)
     assert max(len(p) for p in singles.values()) > 1
+
+
+def test_the_discriminative_twin_heads_one_logit_per_task(tiny_data):
+    """model.kind=discriminative: the task-free input, one linear head per task on the shared
+    representation; each task's loss trains its own head row only, and the shared-prefix
+    scorer gives the full prompts' scores."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
+    from gensr_ray.config import ConfigError
+    from gensr_ray.data import contract
+    from gensr_ray.inputs.build import build_features
+    from gensr_ray.model.gensr import gensr_loss
+
+    with pytest.raises(ConfigError, match="model.kind=discriminative reads the task-free input"):
+        apply_overrides(GenSRConfig(), {"model.kind": "discriminative"})
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+        "model.prompt": "task_free", "model.kind": "discriminative"})
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    assert model.task_heads.weight.requires_grad and model.task_heads.weight.shape[0] == 2
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    examples = contract.read_table(contract.examples_dir(tiny_data, "train")).slice(0, 12)
+    batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+    search = {k: v[batch["task"] == 0] for k, v in batch.items()}
+    logits = model(search)["logits"]
+    assert torch.equal(logits[:, 1], torch.zeros_like(logits[:, 1]))
+    loss, _ = gensr_loss(model(search), search["label"], cfg.loss, cfg.model)
+    loss.backward()
+    grad = model.task_heads.weight.grad
+    assert grad[0].abs().sum() > 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+    model.eval()
+    test = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 4).to_pydict()
+    for i in range(4):
+        candidates = [test["target"][i]] + test["negatives"][i][:20]
+        rows = encoder.encode({k: [v[i]] for k, v in test.items()},
+                              candidates=np.array([candidates]))
+        group = encoder.encode_group(test["task"][i], test["history"][i], test["query"][i],
+                                     candidates)
+        with torch.no_grad():
+            full = answer_score(model(collate(rows))["logits"])
+            shared = answer_score(model.score_group(collate.group(group)))
+        torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)

@@ -76,6 +76,13 @@ PROMPTS: dict[str, dict[str, str]] = {
         "search": "query {query} user <CF_HIST> <SEM_HIST> {item} {target_title} <CF_TARGET> "
                   "<TITLE_EMB> relevant? Answer:",
     },
+    # No task instruction, no answer cue: history, query when there is one, candidate (the
+    # discriminative twin's input, model.kind=discriminative)
+    "task_free": {
+        "rec": "user <CF_HIST> <SEM_HIST> {item} {target_title} <CF_TARGET> <TITLE_EMB>",
+        "search": "query {query} user <CF_HIST> <SEM_HIST> {item} {target_title} <CF_TARGET> "
+                  "<TITLE_EMB>",
+    },
 }
 DESCRIPTIONS = {
     "authors": "the authors' template exactly: four soft vectors at its four placeholders, no "
@@ -85,6 +92,8 @@ DESCRIPTIONS = {
     "no_history_titles": "title_text without the history titles",
     "no_soft_tokens": "titles and query as text only; the two views are unused",
     "minimal": "a few words around the soft tokens, the candidate title and the query",
+    "task_free": "minimal without a question: the same input for both tasks but the query "
+                 "(the discriminative twin's)",
 }
 
 if tuple(PROMPTS) != PROMPT_DESIGNS or set(DESCRIPTIONS) != set(PROMPTS):

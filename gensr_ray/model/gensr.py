@@ -110,6 +110,8 @@ class GenSR(nn.Module):
         self.sem_encoder = EncoderLayer(width, cfg.sem_heads, 2 * width)
         self.sem_attention = TargetAttention(width)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
+        # the discriminative twin: one logit per task from the shared representation
+        self.task_heads = nn.Linear(width, len(TASKS)) if cfg.kind == "discriminative" else None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -171,10 +173,17 @@ class GenSR(nn.Module):
         embeds = self.splice(self.lm.get_input_embeddings()(batch["input_ids"]),
                              batch["soft_slots"], soft)
         hidden = self.answer_hidden_by_task(embeds, batch)
-        return {"logits": self.answer_logits(hidden), "cf_hist": cf_hist, "sem_hist": sem_hist}
+        return {"logits": self.answer_logits(hidden, batch["task"]), "cf_hist": cf_hist,
+                "sem_hist": sem_hist}
 
-    def answer_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.answer_head_weight()[list(self.answer_ids)].T
+    def answer_logits(self, hidden: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """[B, 2] logits: the LM head's Yes and No rows (generative), or the row's task head
+        and 0 (discriminative: the answer loss is then BCE on that logit, the score the
+        logit itself)."""
+        if self.task_heads is None:
+            return hidden @ self.answer_head_weight()[list(self.answer_ids)].T
+        logit = self.task_heads(hidden).gather(1, task.long().view(-1, 1)).squeeze(1)
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
     @torch.no_grad()
     def score_group(self, g: dict) -> torch.Tensor:
@@ -218,7 +227,8 @@ class GenSR(nn.Module):
                                      position_ids=positions, cache=cache,
                                      use_cache=cache is not None)
         last = suffix_mask.sum(1) - 1
-        return self.answer_logits(out.last_hidden_state[torch.arange(n), last])
+        return self.answer_logits(out.last_hidden_state[torch.arange(n), last],
+                                  torch.full((n,), int(g["task"]), device=last.device))
 
     @staticmethod
     def splice(embeds: torch.Tensor, slots: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ Per parameter, each worker holds (dot, |g_search|^2, |g_rec|^2) of its gradient 
 is sum(dot) / sqrt(sum(|g_s|^2) * sum(|g_r|^2)) over the parameters of the group
 (`group_cosines`). Groups: every shared parameter ("overall"), each module kind (attention,
 MLP, LoRA A / B, the view encoders, the projection, embeddings, other), each backbone layer.
-Parameters one task never uses (a task's own LoRA adapter) have a cosine of 0 by
-construction: they are reported apart, and left out of every group.
+Parameters one task never uses (a task's own LoRA adapter, the discriminative twin's task
+heads) have a cosine of 0 by construction: they are reported apart, and left out of every
+group.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def parameter_group(name: str) -> tuple[int | None, str]:
 
 
 def task_of(name: str, subspace: str) -> str | None:
-    """The one task that trains this parameter (a task's own LoRA adapter), else None."""
+    """The task that alone trains this parameter (a task's own LoRA adapter), "heads" for the
+    discriminative twin's task heads (each task trains its own row), else None."""
+    if name.startswith("task_heads."):
+        return "heads"
     for task in (a for a in SUBSPACES[subspace][0] if a in ("search", "rec")):
         if f".lora_A.{task}." in name or f".lora_B.{task}." in name:
             return task
@@ -86,7 +90,7 @@ def group_cosines(sums: dict[str, np.ndarray], subspace: str) -> dict:
         if task is not None:
             entry = task_only.setdefault(task, {"params": 0, "sq": 0.0})
             entry["params"] += 1
-            entry["sq"] += ss if task == "search" else rr
+            entry["sq"] += {"search": ss, "rec": rr}.get(task, ss + rr)
             continue
         layer, kind = parameter_group(name)
         keys = ["overall", f"kind:{kind}"] + ([f"layer:{layer}"] if layer is not None else [])
@@ -132,6 +136,7 @@ def format_table(summary: dict) -> str:
     lines += [f"{'kind ' + k:24s} {cell(s)}" for k, s in summary["by_kind"].items()]
     lines += [f"{'layer ' + k:24s} {cell(s)}" for k, s in summary["by_layer"].items()]
     for task, entry in summary["task_only"].items():
-        lines.append(f"{task + '-only adapters':24s} {entry['params']} parameters, used by one "
-                     "task only (cosine 0 by construction, left out above)")
+        label = "task heads" if task == "heads" else f"{task}-only adapters"
+        lines.append(f"{label:24s} {entry['params']} parameters, each part used by one task "
+                     "only (cosine 0 by construction, left out above)")
     return "\n".join(lines)
