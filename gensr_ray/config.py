@@ -59,6 +59,7 @@ RANGES: dict[str, tuple] = {
     "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1, "train.lr": _POSITIVE,
     "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.negatives_per_example": _AT_LEAST_1,
+    "train.conflict_every": _NON_NEGATIVE, "train.conflict_examples": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
     "train.eval_every": _NON_NEGATIVE, "train.eval_examples": _AT_LEAST_1,
     "train.patience": _NON_NEGATIVE,
@@ -156,6 +157,10 @@ class TrainConfig:
                                       "train.max_steps, which it needs)", choices=LR_SCHEDULES)
     grad_clip: float = _f(1.0, "gradient clipping norm")
     negatives_per_example: int = _f(4, "stored negatives used per training example (<= 4)")
+    conflict_every: int = _f(0, "every N steps, the search/rec gradient cosine on one fixed "
+                                "seeded batch (conflict/* metrics; 0: off; needs grad_accum "
+                                "1); `gensr diagnose` measures a checkpoint")
+    conflict_examples: int = _f(16, "training examples of each task in that batch")
     seed: int = _f(42, "seed of model init and data order")
     log_every: int = _f(10, "report metrics every N optimizer steps")
     checkpoint_every: int = _f(0, "checkpoint every N optimizer steps (0: each epoch end)")
@@ -285,6 +290,9 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
     if cls is GenSRConfig and config.train.lr_schedule == "cosine" and config.train.max_steps < 1:
         raise ConfigError("train.lr_schedule=cosine decays over train.max_steps: set it too "
                           "(got train.max_steps=-1, run all epochs)")
+    if cls is GenSRConfig and config.train.conflict_every and config.train.grad_accum > 1:
+        raise ConfigError("train.conflict_every measures one backward per task between steps: "
+                          f"it needs train.grad_accum=1 (got {config.train.grad_accum})")
     if cls is GenSRConfig and config.model.kind == "discriminative" and \
             config.model.prompt != "task_free":
         raise ConfigError("model.kind=discriminative reads the task-free input: set "

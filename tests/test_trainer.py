@@ -51,11 +51,17 @@ def _probe_scores(model, backbone, cfg, n: int = 6) -> torch.Tensor:
 
 
 def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthetic, tmp_path):
-    cfg = _config(synthetic, **{"train.max_steps": 16, "train.checkpoint_every": 8})
+    cfg = _config(synthetic, **{"train.max_steps": 16, "train.checkpoint_every": 8,
+                                "train.conflict_every": 8, "train.conflict_examples": 4})
     out = tmp_path / "run"
     summary = run_training(cfg, out)
     ckpt = Path(summary["checkpoint"])
     progress = _progress(out, cfg)
+    # the gradient conflict, measured every 8 steps, rides with the next report
+    measured = [m for m in progress if "conflict/overall" in m]
+    assert [m["step"] for m in measured] == [8, 16]
+    assert all(-1.0 <= m["conflict/overall"] <= 1.0 and "conflict/lora_B" in m
+               for m in measured)
     losses = [m["loss_answer"] for m in progress]
     assert losses[-1] < losses[0], losses  # the synthetic set is learnable
     assert summary["metrics"]["step"] == 16

@@ -1,5 +1,6 @@
 """Gradient conflict between the two tasks: the cosine of the search loss's gradient and the
-recommendation loss's gradient on the parameters both tasks train.
+recommendation loss's gradient on the parameters both tasks train (`gensr diagnose`, and
+train.conflict_every during training).
 
 Per parameter, each worker holds (dot, |g_search|^2, |g_rec|^2) of its gradient partition
 (`parameter_sums`); the sums over workers are those of the whole gradient, so a group's cosine
@@ -19,7 +20,9 @@ import re
 import numpy as np
 import torch
 
-from gensr_ray.model.gensr import SUBSPACES
+from gensr_ray.config import ConfigError
+from gensr_ray.data import contract
+from gensr_ray.model.gensr import SUBSPACES, gensr_loss
 
 KINDS = ("attention", "mlp", "lora_A", "lora_B", "view encoders", "projection", "embeddings",
          "other")
@@ -77,7 +80,8 @@ def parameter_sums(search: dict[str, torch.Tensor], rec: dict[str, torch.Tensor]
 
 
 def _cosine(dot: float, ss: float, rr: float) -> float | None:
-    return dot / math.sqrt(ss * rr) if ss > 0 and rr > 0 else None
+    # a Python float: metrics ride in checkpoints, read back by the weights-only unpickler
+    return float(dot / math.sqrt(ss * rr)) if ss > 0 and rr > 0 else None
 
 
 def group_cosines(sums: dict[str, np.ndarray], subspace: str) -> dict:
@@ -102,7 +106,7 @@ def group_cosines(sums: dict[str, np.ndarray], subspace: str) -> dict:
         "by_layer": {int(key.split(":")[1]): _cosine(*v) for key, v in sorted(
             groups.items(), key=lambda kv: int(kv[0].split(":")[1])
             if kv[0].startswith("layer:") else -1) if key.startswith("layer:")},
-        "task_only": {t: {"params": e["params"], "norm": math.sqrt(e["sq"])}
+        "task_only": {t: {"params": e["params"], "norm": float(math.sqrt(e["sq"]))}
                       for t, e in sorted(task_only.items())},
     }
 
@@ -126,6 +130,14 @@ def summarize(per_batch: list[dict]) -> dict:
     }
 
 
+def conflict_metrics(cosines: dict) -> dict[str, float]:
+    """One batch's cosines as training metrics: conflict/overall and conflict/<kind>."""
+    out = {"conflict/overall": cosines["overall"]} if cosines["overall"] is not None else {}
+    out.update({f"conflict/{kind.replace(' ', '_')}": value
+                for kind, value in cosines["by_kind"].items() if value is not None})
+    return out
+
+
 def format_table(summary: dict) -> str:
     """The summary as a text table: group, mean cosine, std over batches."""
     def cell(s: dict) -> str:
@@ -140,3 +152,69 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:24s} {entry['params']} parameters, each part used by one task "
                      "only (cosine 0 by construction, left out above)")
     return "\n".join(lines)
+
+
+# -- measuring on a worker group ------------------------------------------------------
+COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
+
+
+def seeded_batches(data_dir: str, batches: int, per_task: int, seed: int) -> list[dict]:
+    """`batches` dicts {task: example columns} of `per_task` training examples of each task,
+    drawn without replacement (with replacement when a task has fewer examples)."""
+    table = contract.read_table(contract.examples_dir(contract.local_root(data_dir), "train"),
+                                columns=COLUMNS)
+    tasks = np.asarray(table.column("task").to_pylist(), dtype=object)
+    out: list[dict] = [{} for _ in range(batches)]
+    for t, task in enumerate(contract.TASKS):
+        rows = np.flatnonzero(tasks == task)
+        if rows.size == 0:
+            raise ConfigError(f"{data_dir}: no {task} training examples to diagnose with")
+        rng = np.random.default_rng([seed, t])
+        need = batches * per_task
+        chosen = rng.choice(rows, size=need, replace=need > rows.size)
+        for b in range(batches):
+            out[b][task] = table.take(chosen[b * per_task:(b + 1) * per_task]).to_pydict()
+    return out
+
+
+def measure_batch(cfg, strategy, engine, encoder, collate, batch: dict) -> dict:
+    """One batch's group cosines, measured by the worker group (every worker calls it): each
+    worker takes its share of both tasks' examples, backpropagates the search loss, keeps its
+    gradient (partition), clears it, then the same for the recommendation loss; the per
+    parameter sums are added up over workers when ZeRO-3 partitions the gradients. Leaves no
+    gradient behind; needs train.grad_accum 1 (each backward is a boundary)."""
+    import torch.distributed as dist
+
+    rank, world = strategy.rank, strategy.world_size
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    partitioned = cfg.scale.zero_stage == 3
+    grads = {}
+    for task in contract.TASKS:
+        share = {k: v[rank::world] for k, v in batch[task].items()}
+        rows = encoder.encode(share, negatives_per_example=cfg.train.negatives_per_example)
+        inputs = strategy.to_device(collate(rows))
+        loss, _ = gensr_loss(engine(inputs), inputs["label"], cfg.loss, cfg.model)
+        strategy.backward(loss)
+        grads[task] = _gradients(params, partitioned)
+        engine.optimizer.zero_grad()
+    sums = parameter_sums(grads["search"], grads["rec"])
+    names = sorted(sums)
+    stacked = torch.stack([sums[n] for n in names])
+    if partitioned and world > 1 and dist.is_initialized():
+        dist.all_reduce(stacked)  # disjoint partitions: their sums are the whole's
+    return group_cosines(dict(zip(names, stacked.numpy())), cfg.model.subspace)
+
+
+def _gradients(params, partitioned: bool) -> dict:
+    """This worker's gradient of each trainable parameter: its ZeRO-3 partition, or the
+    whole (averaged) gradient below stage 3."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    out = {}
+    for name, p in params:
+        grad = safe_get_local_grad(p) if partitioned else safe_get_full_grad(p)
+        if grad is not None:
+            out[name] = grad.detach().double().cpu().clone()
+    return out
+
+

@@ -21,44 +21,17 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from gensr_ray.assemble import build_model, resolve_config_backbone
 from gensr_ray.checkpoint import load_trainable, read_checkpoint_config, resolve_checkpoint
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
-from gensr_ray.data import contract
 from gensr_ray.inputs.build import build_features
-from gensr_ray.model.gensr import gensr_loss
 from gensr_ray.ray_init import ensure_ray, object_store_bytes
-from gensr_ray.train.conflict import format_table, group_cosines, parameter_sums, summarize
+from gensr_ray.train.conflict import format_table, measure_batch, seeded_batches, summarize
 from gensr_ray.train.strategy import Strategy, configure_accelerator
-
-COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
-
-
-def seeded_batches(data_dir: str, batches: int, per_task: int, seed: int) -> list[dict]:
-    """`batches` dicts {task: example columns} of `per_task` training examples of each task,
-    drawn without replacement (with replacement when a task has fewer examples)."""
-    table = contract.read_table(contract.examples_dir(contract.local_root(data_dir), "train"),
-                                columns=COLUMNS)
-    tasks = np.asarray(table.column("task").to_pylist(), dtype=object)
-    out: list[dict] = [{} for _ in range(batches)]
-    for t, task in enumerate(contract.TASKS):
-        rows = np.flatnonzero(tasks == task)
-        if rows.size == 0:
-            raise ConfigError(f"{data_dir}: no {task} training examples to diagnose with")
-        rng = np.random.default_rng([seed, t])
-        need = batches * per_task
-        chosen = rng.choice(rows, size=need, replace=need > rows.size)
-        for b in range(batches):
-            out[b][task] = table.take(chosen[b * per_task:(b + 1) * per_task]).to_pydict()
-    return out
 
 
 def diagnose_loop_per_worker(config: dict) -> None:
     import ray.train
-    import torch
-    import torch.distributed as dist
 
     cfg: GenSRConfig = config["cfg"]
     strategy = Strategy(cfg)
@@ -67,27 +40,10 @@ def diagnose_loop_per_worker(config: dict) -> None:
     encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     engine = strategy.prepare(model)
     engine.eval()  # no dropout: the same gradients whatever the number of workers
-    rank, world = strategy.rank, strategy.world_size
-    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    partitioned = cfg.scale.zero_stage == 3
-    per_batch = []
-    for batch in seeded_batches(cfg.data.path, config["batches"], config["per_task"],
-                                config["seed"]):
-        grads = {}
-        for task in contract.TASKS:
-            share = {k: v[rank::world] for k, v in batch[task].items()}
-            rows = encoder.encode(share, negatives_per_example=cfg.train.negatives_per_example)
-            inputs = strategy.to_device(collate(rows))
-            loss, _ = gensr_loss(engine(inputs), inputs["label"], cfg.loss, cfg.model)
-            strategy.backward(loss)
-            grads[task] = _gradients(params, partitioned)
-            engine.optimizer.zero_grad()
-        sums = parameter_sums(grads["search"], grads["rec"])
-        names = sorted(sums)
-        stacked = torch.stack([sums[n] for n in names])
-        if partitioned and world > 1 and dist.is_initialized():
-            dist.all_reduce(stacked)  # disjoint partitions: their sums are the whole's
-        per_batch.append(group_cosines(dict(zip(names, stacked.numpy())), cfg.model.subspace))
+    rank = strategy.rank
+    per_batch = [measure_batch(cfg, strategy, engine, encoder, collate, batch)
+                 for batch in seeded_batches(cfg.data.path, config["batches"],
+                                             config["per_task"], config["seed"])]
     # the summary travels as a checkpoint (Ray Train keeps metrics only with one), from rank
     # 0 to the run's storage, wherever rank 0 runs
     if rank != 0:
@@ -96,19 +52,6 @@ def diagnose_loop_per_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "conflict.json").write_text(json.dumps(summarize(per_batch)))
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _gradients(params, partitioned: bool) -> dict:
-    """This worker's gradient of each trainable parameter: its ZeRO-3 partition, or the
-    whole (averaged) gradient below stage 3."""
-    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
-
-    out = {}
-    for name, p in params:
-        grad = safe_get_local_grad(p) if partitioned else safe_get_full_grad(p)
-        if grad is not None:
-            out[name] = grad.detach().double().cpu().clone()
-    return out
 
 
 def run_diagnosis(checkpoint: str, out: Path, batches: int = 8, per_task: int = 16,

@@ -13,6 +13,7 @@ from gensr_ray.config import GenSRConfig
 from gensr_ray.data.contract import local_root
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
+from gensr_ray.train.conflict import conflict_metrics, measure_batch, seeded_batches
 from gensr_ray.train.strategy import Strategy
 from gensr_ray.train.validation import BestTracker, Validator
 
@@ -48,6 +49,12 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
         if cfg.train.eval_every else None
     tracker = BestTracker(cfg.train.best_metric, cfg.train.patience, state.get("best"))
     validated: dict = {}  # the latest validation's metrics, and its step
+    # train.conflict_every: the gradient conflict on one fixed seeded batch, reported with
+    # the next metrics
+    per_task = cfg.train.conflict_examples - cfg.train.conflict_examples % strategy.world_size
+    conflict_batch = seeded_batches(cfg.data.path, 1, max(per_task, strategy.world_size),
+                                    cfg.train.seed)[0] if cfg.train.conflict_every else None
+    conflict: dict = {}
 
     def checkpoint(metrics: dict, epoch: int, micro: int) -> bool:
         """Validate (when validation is on), then report `metrics` with a checkpoint; True
@@ -92,6 +99,10 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
 
             step += 1
             window_steps += 1
+            if _every(step, cfg.train.conflict_every):
+                with strategy.evaluating() as evaluated:
+                    conflict = conflict_metrics(measure_batch(cfg, strategy, evaluated, encoder,
+                                                              collate, conflict_batch))
             log_now = step % cfg.train.log_every == 0
             save_now = (_every(step, cfg.train.checkpoint_every)
                         or _every(step, cfg.train.eval_every))
@@ -100,6 +111,8 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
                 metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
                 metrics["resumed_from"] = resumed_from
                 metrics["input_wait_frac"] = clock.share()
+                metrics.update(conflict)
+                conflict = {}
                 window.clear()
                 window_steps = 0
                 if save_now or last:
