@@ -70,7 +70,10 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     results = evaluate_run(summary.get("best_checkpoint") or summary["checkpoint"],
                            split="valid", cfg=apply_overrides(cfg, {"eval.num_workers": 0}))
     write_results(results, out / "valid_results.json")
-    ray.tune.report({**flatten(results), "trial": config["trial"], "seed": cfg.train.seed,
+    # the gradient conflict of the run's last measurement (train.conflict_every), if any
+    conflict = {k: v for k, v in summary["metrics"].items() if k.startswith("conflict/")}
+    ray.tune.report({**flatten(results), **conflict, "trial": config["trial"],
+                     "seed": cfg.train.seed,
                      "step": summary["metrics"]["step"],
                      "checkpoint": summary["checkpoint"],
                      "results": str(out / "valid_results.json")})

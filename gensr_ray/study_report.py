@@ -116,8 +116,9 @@ def _summary_csv(path: Path, sweep: Sweep, summary: dict, comparisons: dict,
 def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
               metrics: list[str], concurrency: int, best: str | None,
               stopped: list[dict]) -> list[str]:
-    shown = [m for m in metrics if m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")
-             and m.split("/")[0] in TASKS]
+    shown = [m for m in metrics if m.count("/") == 2 and m.split("/")[0] in TASKS
+             and m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")]
+    shown += [m for m in metrics if m == "conflict/overall"]  # train.conflict_every
     seeds = f"seeds {sweep.seeds}" if sweep.seeds else "one run each"
     lines = [f"# Sweep `{sweep.name}`", "",
              f"Objective: `{sweep.metric}` ({sweep.mode}) on the validation split; "

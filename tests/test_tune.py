@@ -49,7 +49,8 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
     data = _titles_all_starting_with_item(tmp_path / "data")
     cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
         "data.path": str(data), "train.max_steps": 6, "train.log_every": 3,
-        "train.eval_every": 2, "train.eval_examples": 40, "eval.max_examples": 20})
+        "train.eval_every": 2, "train.eval_examples": 40, "eval.max_examples": 20,
+        "train.conflict_every": 6, "train.conflict_examples": 4})
     study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
 
     rows = {r["trial"]: r for r in csv.DictReader((tmp_path / "study" / "report.csv").open())}
@@ -60,10 +61,12 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
         for metric in ("sampled/HR@10", "sampled/NDCG@10", "full/Recall@10"):
             assert math.isfinite(float(finished[f"{task}/{metric}"]))
     assert stopped["stopped_at_step"] == "2" and float(stopped["val/mean/NDCG@10"]) == 0.0
+    # the gradient conflict measured at the finished trial's last step reaches the report
+    assert -1.0 <= float(finished["conflict/overall"]) <= 1.0
     assert not stopped["search/sampled/NDCG@10"]  # never evaluated at the end
     report = (tmp_path / "study" / "report.md").read_text()
     assert study["best"] == "lambda_0" and "Winner: `lambda_0`" in report
-    assert "- `uninformed` (seed 42) at step 2" in report
+    assert "- `uninformed` (seed 42) at step 2" in report and "conflict/overall" in report
     assert (tmp_path / "study" / "report.png").stat().st_size > 1000
     experiment = Path(study["experiment"])  # Tune's own results stay browsable
     assert len(list(experiment.glob("*/result.json"))) == 2
