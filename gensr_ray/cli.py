@@ -40,10 +40,17 @@ def _loader_options(args: argparse.Namespace):
                        seed=args.seed, **fraction, **k_core)
     if args.data_dir is None:
         raise DataError("--dataset kuaisar needs --data-dir DIR (with rec_inter.csv, "
-                        "src_inter.csv and item_features.csv)")
+                        "src_inter.csv and item_features.csv)" if args.dataset == "kuaisar"
+                        else "--dataset unisar needs --data-dir DIR (the UniSAR authors' "
+                        "data/<name> directory, with dataset/{src,rec}_{train,val,test}.pkl)")
     if fraction:
-        raise DataError("--search-fraction does not apply to kuaisar (its search events are "
-                        "real)")
+        raise DataError(f"--search-fraction does not apply to {args.dataset} (its search "
+                        "events are real)")
+    if args.dataset == "unisar":
+        if k_core:
+            raise DataError("--k-core does not apply to unisar (its files are filtered "
+                            "already)")
+        return options(data_dir=args.data_dir, name=args.data_dir.name)
     return options(data_dir=args.data_dir, **k_core)
 
 
@@ -231,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_config)
 
     p = sub.add_parser("prepare", help="build a dataset in the on-disk contract")
-    p.add_argument("--dataset", choices=["ml100k", "synthetic", "amazon", "kuaisar"],
-                   required=True)
+    p.add_argument("--dataset", choices=["ml100k", "synthetic", "amazon", "kuaisar", "unisar"],
+                   required=True, help="unisar: the UniSAR authors' processed KuaiSAR or "
+                                       "Amazon pickles, read without running code")
     p.add_argument("--out", required=True, help="output directory or URI (s3://, gs://)")
     p.add_argument("--source", type=Path, default=None,
                    help="ml100k: local recbole-1.2.1 wheel or ml-100k directory (default: "
@@ -245,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amazon: directory of HEM query files (query_text.txt.gz or "
                         "query.txt.gz [+ vocab.txt.gz], *.qrels[.gz])")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="kuaisar: directory with rec_inter.csv, src_inter.csv, item_features.csv")
+                   help="kuaisar: directory with rec_inter.csv, src_inter.csv, "
+                        "item_features.csv; unisar: data/<name> with dataset/*.pkl")
     p.add_argument("--k-core", type=int, default=None,
                    help="amazon, kuaisar: keep the k-core of users and items (default 5)")
     p.add_argument("--seed", type=int, default=42)

@@ -16,16 +16,19 @@ from gensr_ray.data.contract import DataError
 from gensr_ray.data.kuaisar import KuaiSAROptions, load_kuaisar
 from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+from gensr_ray.data.unisar import UniSAROptions, load_unisar
 from gensr_ray.data.validate import validate_dataset
 from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
 
-LoaderOptions = MovieLensOptions | SyntheticOptions | AmazonOptions | KuaiSAROptions
+LoaderOptions = (MovieLensOptions | SyntheticOptions | AmazonOptions | KuaiSAROptions
+                 | UniSAROptions)
 # options type -> (dataset name, loader)
 LOADERS = {
     MovieLensOptions: ("ml100k", load_ml100k),
     SyntheticOptions: ("synthetic", generate_synthetic),
     AmazonOptions: ("amazon", load_amazon),
     KuaiSAROptions: ("kuaisar", load_kuaisar),
+    UniSAROptions: ("unisar", load_unisar),
 }
 DATASETS = {name: options for options, (name, _) in LOADERS.items()}
 DEFAULT_SEED = 42  # `gensr prepare --seed`'s default
