@@ -1,0 +1,63 @@
+"""LightGCN's time per epoch as the graph grows: one epoch (after a warm-up epoch) on
+generated bipartite graphs of growing size, and the fitted exponent of time against edges.
+
+    python bench/lightgcn_scaling.py                       # 200k, 1M, 4M edges
+    python bench/lightgcn_scaling.py --edges 50000 200000  # quicker
+
+Users and items grow with the edges (20 edges per user, 10 per item on average, Zipf-skewed
+items). Prints seconds per epoch per size, the exponent b of time ~ edges^b (least squares
+on the logs; goal <= 1.1), the extrapolation to full KuaiSAR's train edges, and last
+`ratio=<b>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+KUAISAR_EDGES = 5_000_000  # order of full KuaiSAR's distinct train (user, item) pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--edges", type=int, nargs="+", default=[200_000, 1_000_000, 4_000_000])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    from gensr_ray.cf.lightgcn import LightGCNConfig, fit_lightgcn
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    # torch's sparse kernels load on first use: not part of any size's time
+    fit_lightgcn(np.arange(200) % 100, (7 * np.arange(200)) % 150, 100, 150,
+                 LightGCNConfig(epochs=1))
+    times = []
+    for edges in args.edges:
+        n_users, n_items = max(1, edges // 20), max(1, edges // 10)
+        users = rng.integers(0, n_users, size=edges)
+        items = np.minimum(rng.zipf(1.3, size=edges) - 1, n_items - 1)
+        pairs = np.unique(np.stack([users, items], axis=1), axis=0)
+        config = LightGCNConfig(epochs=2)
+        start = time.perf_counter()
+        tables = fit_lightgcn(pairs[:, 0], pairs[:, 1], n_users, n_items, config)
+        # two epochs: the first pays for start-up (graph build, allocation)
+        per_epoch = (time.perf_counter() - start) / 2
+        assert np.isfinite(tables.losses).all()
+        batch = max(config.batch_size, -(-len(pairs) // config.max_steps_per_epoch))
+        times.append((len(pairs), per_epoch))
+        print(f"{len(pairs):>9,d} edges ({n_users:,d} users, {n_items:,d} items): "
+              f"{per_epoch:7.2f} s/epoch, {-(-len(pairs) // batch)} steps of {batch:,d}",
+              flush=True)
+    x, y = np.log([t[0] for t in times]), np.log([t[1] for t in times])
+    exponent = float(np.polyfit(x, y, 1)[0]) if len(times) > 1 else float("nan")
+    scale = times[-1][1] * (KUAISAR_EDGES / times[-1][0]) ** exponent
+    print(f"time ~ edges^{exponent:.2f}; extrapolated to {KUAISAR_EDGES:,d} edges: "
+          f"{scale:.0f} s/epoch on this CPU ({args.threads} threads)")
+    print(f"ratio={exponent:.2f}")
+
+
+if __name__ == "__main__":
+    main()
