@@ -2,5 +2,5 @@
 
 Each runs on the cluster's head node as the job's driver, connects to the cluster through
 RAY_ADDRESS (set by the job server), and takes the same flags as the matching `gensr`
-subcommand. See the README's "Running on a Ray cluster".
+subcommand. See docs/cluster.md.
 """

@@ -1,7 +1,7 @@
 """Write tiny prepared datasets that follow gensr_ray.data.contract, for tests.
 
 Callers list interactions with their split; examples (history, negatives) are derived here the
-way DESIGN.md describes, so that tests control exactly which item is each example's target.
+way docs/datasets.md describes, so that tests control exactly which item is each example's target.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The package's imports run one way, top to bottom (README, "Layout"):
+"""The package's imports run one way, top to bottom (docs/layout.md):
 
     cli, jobs -> study -> study_report -> sweep -> prepare, train.launch -> train.loop -> train.validation, eval.run
       -> train.strategy, train.dataset, eval.* -> assemble -> model, inputs, cf

@@ -1,6 +1,6 @@
 """LightGCN (He et al., SIGIR 2020, https://arxiv.org/abs/2002.02126) pretrained on train edges.
 
-GenSR's collaborative view reads a frozen item table from this model (see DESIGN.md). Only rows of
+GenSR's collaborative view reads a frozen item table from this model (docs/design.md). Only rows of
 the interactions table with split == "train" are used, both tasks together: a validation or test
 interaction reaching the graph would leak the answer into every later evaluation.
 

@@ -3,7 +3,7 @@
 Every dataset loader (MovieLens, synthetic, ...) produces a `RawDataset` and hands it to
 `write_dataset`, so splits, histories and negatives are built one way for all of them.
 
-Rules (see DESIGN.md):
+Rules (docs/datasets.md, "The data contract"):
 - ids are remapped to contiguous integers; items keep the loader's order, users are sorted;
 - per user and per task, in time order: with n >= 3 events of a task the last is test, the
   one before is validation, the rest training; with n == 2 the last is test; with n == 1 the
