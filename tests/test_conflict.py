@@ -112,8 +112,10 @@ def checkpoint(tmp_path_factory) -> Path:
     return root / "ckpt"
 
 
-def test_two_zero3_workers_measure_what_one_does(ray_cluster, checkpoint, tmp_path, capsys):
-    assert main(["diagnose", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "two"),
+def test_two_zero3_workers_measure_what_one_does(ray_cluster, checkpoint, tmp_path, capsys,
+                                                 monkeypatch):
+    monkeypatch.chdir(checkpoint.parent)  # a relative --checkpoint, as users type it
+    assert main(["diagnose", "--checkpoint", checkpoint.name, "--out", str(tmp_path / "two"),
                  "--batches", "2", "--examples", "4"]) == 0
     printed = capsys.readouterr().out
     assert "overall (shared)" in printed and "search-only adapters" in printed

@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from gensr_ray import storage
 from gensr_ray.assemble import build_model, resolve_config_backbone
 from gensr_ray.checkpoint import load_trainable, read_checkpoint_config, resolve_checkpoint
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
@@ -62,8 +63,10 @@ def run_diagnosis(checkpoint: str, out: Path, batches: int = 8, per_task: int = 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    path = resolve_checkpoint(checkpoint, which)
+    # absolute paths: the workers do not run in this process's directory
+    path = storage.absolute(resolve_checkpoint(checkpoint, which))
     cfg = read_checkpoint_config(path)
+    cfg.data.path = storage.absolute(cfg.data.path)
     if workers is not None:
         cfg = apply_overrides(cfg, {"scale.num_workers": workers})
     world = max(1, cfg.scale.num_workers)
