@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from gensr_ray.atomic import atomic_directory
 from gensr_ray.data import contract
@@ -338,7 +340,11 @@ def _write_examples(data: Interactions, n_items: int, root: Path, opts: WriteOpt
     # examples whose user left fewer untouched items than the negatives asked for, and the
     # negatives they lack in all, per split
     short = [[0, 0] for _ in contract.SPLITS]
-    for rank, row in build_examples(data, n_items, opts):
+    # on a terminal, the one display of the longest stage of prepare (examples of every
+    # event with a history, written as they are built)
+    for rank, row in tqdm(build_examples(data, n_items, opts), desc="writing examples",
+                          unit="example", disable=None, leave=False, mininterval=1,
+                          file=sys.stderr):
         writers[rank].append(row)
         counts[rank][contract.TASK_IDS[row["task"]]] += 1
         lacking = (opts.train_negatives if rank == 0 else opts.eval_negatives) - len(
