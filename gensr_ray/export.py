@@ -19,6 +19,7 @@ through PeftModel.from_pretrained; it scores as the checkpoint does.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -41,6 +42,9 @@ def export_checkpoint(checkpoint: str | Path, out: Path, which: str = "best") ->
     interrupted export leaves nothing behind."""
     from safetensors.torch import save_file
 
+    # the export runs on the CPU: DeepSpeed (imported by the libraries) need not probe for a
+    # GPU and warn that it found none
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not an empty directory")
