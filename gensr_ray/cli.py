@@ -133,12 +133,13 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
-    from gensr_ray.train.diagnose import print_summary, run_diagnosis
+    from gensr_ray.train.conflict import format_table
+    from gensr_ray.train.diagnose import run_diagnosis
 
     started = time.perf_counter()
     summary = run_diagnosis(args.checkpoint, args.out, args.batches, args.examples, args.seed,
                             args.workers, args.which)
-    print_summary(summary)
+    print(format_table(summary))
     print(f"conflict.json and conflict.png written to {args.out} "
           f"({time.perf_counter() - started:.1f}s)")
 
@@ -300,12 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")
-    p.add_argument("--checkpoint", default=None,
-                   help="a gensr train --out directory or checkpoint, local or a URI")
-    p.add_argument("--which", choices=["best", "last"], default="best",
-                   help="for a gensr train --out directory: its best checkpoint by "
-                        "train.best_metric (when it validated during training; else its last) "
-                        "or its last")
+    _checkpoint_arguments(p, required=False)
     p.add_argument("--data", default=None,
                    help="prepared dataset, local or a URI (default: the checkpoint's)")
     p.add_argument("--baselines", action="store_true",
@@ -324,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="gradient conflict between search and "
                                         "recommendation of a checkpoint")
-    p.add_argument("--checkpoint", required=True,
-                   help="a gensr train --out directory or checkpoint, local or a URI")
-    p.add_argument("--which", choices=["best", "last"], default="best",
-                   help="for a gensr train --out directory: its best or its last checkpoint")
+    _checkpoint_arguments(p, required=True)
     p.add_argument("--out", type=Path, required=True,
                    help="directory for conflict.json and conflict.png")
     p.add_argument("--batches", type=int, default=8, help="seeded batches (default 8)")
@@ -340,14 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a checkpoint as peft adapters, safetensors and a "
                                       "model card")
-    p.add_argument("--checkpoint", required=True,
-                   help="a gensr train --out directory or checkpoint, local or a URI")
-    p.add_argument("--which", choices=["best", "last"], default="best",
-                   help="for a gensr train --out directory: its best or its last checkpoint")
+    _checkpoint_arguments(p, required=True)
     p.add_argument("--out", type=Path, required=True,
                    help="directory to write (must not exist, or be empty)")
     p.set_defaults(func=_export)
     return parser
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """--checkpoint and --which, as every command that reads a checkpoint takes them."""
+    p.add_argument("--checkpoint", required=required, default=None,
+                   help="a gensr train --out directory or checkpoint, local or a URI")
+    p.add_argument("--which", choices=["best", "last"], default="best",
+                   help="for a gensr train --out directory: its best checkpoint by "
+                        "train.best_metric (when it validated during training; else its last) "
+                        "or its last")
 
 
 def main(argv: list[str] | None = None) -> int:

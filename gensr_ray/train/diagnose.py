@@ -27,7 +27,7 @@ from gensr_ray.checkpoint import load_trainable, read_checkpoint_config, resolve
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.inputs.build import build_features
 from gensr_ray.ray_init import ensure_ray, object_store_bytes
-from gensr_ray.train.conflict import format_table, measure_batch, seeded_batches, summarize
+from gensr_ray.train.conflict import measure_batch, seeded_batches, summarize
 from gensr_ray.train.strategy import Strategy, configure_accelerator
 
 
@@ -125,7 +125,3 @@ def plot_conflict(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def print_summary(summary: dict) -> None:
-    print(format_table(summary))
