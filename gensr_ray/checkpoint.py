@@ -176,6 +176,20 @@ def read_state(checkpoint: str | Path) -> dict:
     return json.loads((model_dir(checkpoint) / "state.json").read_text())
 
 
+def check_resumable(run_dir: str, current: dict) -> None:
+    """Refuse, on the driver before any worker starts, a run whose newest checkpoint was
+    trained on other data (the workers would refuse it too, after the worker group's
+    start-up). Checkpoints whose state.json cannot be read are left to the workers' own
+    fallback to an older intact one."""
+    for path in checkpoints(run_dir):
+        try:
+            state = json.loads(storage.read_text(storage.join(path, "model", "state.json")))
+        except (OSError, ValueError):
+            continue
+        check_same_data(state.get("data"), current, f"checkpoint {path}")
+        return
+
+
 def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
     """Refuse a checkpoint trained on another dataset or other LightGCN tables."""
     if not recorded:

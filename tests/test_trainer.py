@@ -131,7 +131,9 @@ def test_one_worker_with_accumulation_matches_two_workers(ray_cluster, four_exam
     common = {"train.batch_size": 10, "train.epochs": 3, "train.lr": 1e-3,
               "train.warmup_steps": 1, "loss.contrastive_weight": 0.0, "data.shuffle_seed": -1}
     weights = []
-    for workers, accum in ((1, 2), (2, 1)):
+    # one process (local mode: no worker group to start) accumulating two micro-batches
+    # against two ZeRO-3 workers of one micro-batch each
+    for workers, accum in ((0, 2), (2, 1)):
         cfg = _config(four_examples, **common, **{"scale.num_workers": workers,
                                                   "train.grad_accum": accum})
         summary = run_training(cfg, tmp_path / f"w{workers}")

@@ -24,6 +24,7 @@ from gensr_ray.checkpoint import (
     METRICS,
     SUMMARY,
     CheckpointError,
+    check_resumable,
     checkpoints,
     ranked_checkpoints,
     remove_incomplete,
@@ -235,6 +236,8 @@ def run_training(cfg: GenSRConfig, out: str | Path, callbacks: list | None = Non
     with run_lock(where.out):
         data = validate_dataset(cfg.data.path)  # before any worker starts
         remove_incomplete(where.run_dir)  # saves cut short by a crash; resume skips them too
+        if not cfg.data.allow_change:
+            check_resumable(where.run_dir, data)
         try:
             with TrainingProgress(where.metrics, cfg.train.max_steps, score_metric(cfg),
                                   quiet=not progress):
