@@ -7,8 +7,9 @@ from pathlib import Path
 
 from gensr_ray.config import GenSRConfig
 from gensr_ray.data import contract
-from gensr_ray.inputs.features import Collator, ExampleEncoder, ItemTokens, tokenize_titles
+from gensr_ray.inputs.features import Collator, ExampleEncoder, ItemTokens
 from gensr_ray.inputs.prompts import all_template_text
+from gensr_ray.inputs.title_cache import cached_item_tokens
 
 
 def vocabulary_texts(data_path: str | Path, item_noun: str = "item",
@@ -23,11 +24,9 @@ def vocabulary_texts(data_path: str | Path, item_noun: str = "item",
 
 
 def item_tokens(cfg: GenSRConfig, tokenizer) -> ItemTokens:
-    titles = contract.read_table(contract.items_dir(contract.local_root(cfg.data.path)),
-                                 ["title"])
-    return tokenize_titles(tokenizer, titles.column("title").to_pylist(),
-                           cfg.data.prompt_title_tokens, cfg.data.title_tokens,
-                           cfg.data.target_title_tokens)
+    """The catalogue's title tokens, tokenised once per node (gensr_ray.inputs.title_cache)."""
+    return cached_item_tokens(cfg.data.path, tokenizer, cfg.data.prompt_title_tokens,
+                              cfg.data.title_tokens, cfg.data.target_title_tokens)
 
 
 def build_features(cfg: GenSRConfig, tokenizer, kind: str) -> tuple[ExampleEncoder, Collator]:

@@ -18,34 +18,31 @@ from gensr_ray.data.contract import TASK_IDS
 from gensr_ray.inputs.prompts import PromptAssembler
 
 
+class RaggedIds:
+    """Token id lists of varying length, stored flat: item i's ids are
+    values[offsets[i]:offsets[i + 1]]. Indexing gives a Python list."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values = values
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+
 @dataclass
 class ItemTokens:
-    """Per-item title tokens, cut/padded to fixed lengths (rows indexed by item id)."""
+    """Per-item title tokens (rows indexed by item id); built and cached by
+    gensr_ray.inputs.title_cache, usually memory-mapped."""
 
-    prompt: list[list[int]]  # for titles written into the prompt
+    prompt: RaggedIds  # for titles written into the prompt, cut to the prompt title length
     sem: np.ndarray  # [n_items, title_tokens] for the semantic history view
     sem_len: np.ndarray
     target: np.ndarray  # [n_items, target_title_tokens] for the candidate's mean embedding
     target_len: np.ndarray
-
-
-def tokenize_titles(tokenizer, titles: list[str], prompt_len: int, sem_len: int,
-                    target_len: int) -> ItemTokens:
-    encoded = [tokenizer.encode(t or "", add_special_tokens=False) for t in titles]
-    pad = tokenizer.pad_token_id
-
-    def table(length: int) -> tuple[np.ndarray, np.ndarray]:
-        out = np.full((len(encoded), length), pad, dtype=np.int64)
-        lens = np.zeros(len(encoded), dtype=np.int64)
-        for i, ids in enumerate(encoded):
-            ids = ids[:length] or [pad]  # an empty title still gets one (pad) position
-            out[i, :len(ids)] = ids
-            lens[i] = len(ids)
-        return out, lens
-
-    sem, sem_lens = table(sem_len)
-    target, target_lens = table(target_len)
-    return ItemTokens([ids[:prompt_len] for ids in encoded], sem, sem_lens, target, target_lens)
 
 
 class ExampleEncoder:
@@ -136,12 +133,12 @@ class Collator:
                 prefix_mask[r, prefix_len - len(g["prefix_ids"]):] = 1
             hist[r, :len(g["history"])] = g["history"]
             hist_mask[r, :len(g["history"])] = True
-        sem = self.items.sem[hist]
+        sem = self.items.sem[hist].astype(np.int64)
         sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
             hist_mask[..., None]
         target = np.asarray([c for g in gs for c in g["candidates"]], dtype=np.int64)
         tgt_len = self.items.target_len[target]
-        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))]
+        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))].astype(np.int64)
         return {
             "task": torch.tensor(gs[0]["task"]),
             "prefix_ids": torch.from_numpy(prefix),
@@ -176,11 +173,11 @@ class Collator:
             hist[r, :len(h)] = h
             hist_mask[r, :len(h)] = True
         target = np.asarray(rows["target"], dtype=np.int64)
-        sem = self.items.sem[hist]  # [n, H, Lt]
+        sem = self.items.sem[hist].astype(np.int64)  # [n, H, Lt]
         sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
             hist_mask[..., None]
         tgt_len = self.items.target_len[target]
-        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))]
+        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))].astype(np.int64)
         return {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),

@@ -33,6 +33,7 @@ from gensr_ray.checkpoint import (
 from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.validate import validate_dataset
+from gensr_ray.inputs.build import item_tokens
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.ray_init import ensure_ray, object_store_bytes, started_local_cluster
 from gensr_ray.tracking import Tracker
@@ -177,6 +178,10 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
     ray.data.DataContext.get_current().enable_progress_bars = False
     backbone_dir = resolve_config_backbone(cfg)
     tokenizer, kind = load_tokenizer(backbone_dir), backbone_kind(backbone_dir)
+    if not storage.is_uri(cfg.data.path):
+        # tokenised once here for this node's tasks and workers (a dataset on object
+        # storage is mirrored, and its titles tokenised, by the first process of each node)
+        item_tokens(cfg, tokenizer)
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
