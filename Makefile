@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# prepare (if missing) -> LightGCN -> GenSR training -> evaluation beside the baselines
+# prepare (if missing) -> LightGCN -> GenSR training -> SASRec (if missing) -> evaluation
+# beside the baselines
 demo: $(STAMP)
 	@test ! -e $(RUN) || echo "make demo: removing the previous run in $(RUN) (RUN=DIR keeps it)"
 	rm -rf $(RUN)
 	$(GENSR) train --config configs/demo.yaml --out $(RUN) --set data.path=$(DATA)
+	test -f $(DATA)/cf/sasrec.pt || $(GENSR) pretrain-sasrec --data $(DATA)
 	$(GENSR) eval --checkpoint $(RUN) --baselines --out $(RUN)/results.json
 
 test: $(STAMP)

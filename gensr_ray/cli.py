@@ -4,6 +4,7 @@
     gensr prepare --dataset amazon --reviews REVIEWS.json.gz --meta META.json.gz --out DIR
     gensr prepare --dataset kuaisar --data-dir KuaiSAR/ --out DIR
     gensr pretrain-cf --data data/ml100k
+    gensr pretrain-sasrec --data data/ml100k
     gensr eval --data data/ml100k --baselines --out results.json
     gensr train --config configs/debug.yaml --out runs/debug [--set train.lr=3e-4 ...]
     gensr eval --checkpoint runs/debug --out results.json [--baselines]
@@ -88,6 +89,24 @@ def _pretrain_cf(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     save_cf(train_lightgcn(args.data, config), cf_path(args.data))
     print(f"LightGCN tables written to {cf_path(args.data)} ({time.perf_counter() - started:.1f}s)")
+
+
+def _pretrain_sasrec(args: argparse.Namespace) -> None:
+    from gensr_ray.config import ConfigError
+    from gensr_ray.data.contract import read_meta
+    from gensr_ray.eval.sasrec import SASRecConfig, pretrain_sasrec
+    from gensr_ray.storage import is_uri
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if is_uri(args.data):
+        raise ConfigError(f"pretrain-sasrec --data {args.data}: needs a local dataset directory")
+    read_meta(args.data)
+    config = SASRecConfig(seed=args.seed,
+                          **({"epochs": args.epochs} if args.epochs is not None else {}))
+    started = time.perf_counter()
+    path = pretrain_sasrec(Path(args.data), config)
+    print(f"SASRec model written to {path} ({time.perf_counter() - started:.1f}s)")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -279,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_pretrain_cf)
+
+    p = sub.add_parser("pretrain-sasrec",
+                       help="(re)train the SASRec baseline of a dataset (cf/sasrec.pt)")
+    p.add_argument("--data", required=True, help="a local dataset directory")
+    p.add_argument("--epochs", type=int, default=None, help="default: 20")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_pretrain_sasrec)
 
     p = sub.add_parser("train", help="train GenSR with Ray Train + DeepSpeed")
     p.add_argument("--config", type=Path, required=True, help="YAML config (configs/)")

@@ -132,7 +132,10 @@ def test_eval_examples_and_exclusions(tmp_path):
 
 
 def test_evaluate_baselines_structure_and_popularity_is_perfect(tmp_path, caplog):
+    from gensr_ray.eval.sasrec import SASRecConfig, pretrain_sasrec
+
     root = popular_target_dataset(tmp_path)
+    pretrain_sasrec(root, SASRecConfig(dim=8, epochs=2))
     with caplog.at_level(logging.INFO):
         scorers = build_baselines(root)
     assert "training them now" in caplog.text
@@ -200,3 +203,15 @@ def test_an_unknown_or_search_only_first_stage_is_a_config_error():
             apply_overrides(GenSRConfig(), overrides)
     cfg = apply_overrides(GenSRConfig(), {"eval.first_stage_search": "bm25"})
     assert cfg.eval.first_stage_search == "bm25"
+
+
+def test_a_sasrec_first_stage_without_a_trained_model_names_the_command(tmp_path):
+    from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
+    from gensr_ray.eval.gensr_scorer import first_stages
+
+    baselines = build_baselines(popular_target_dataset(tmp_path))
+    assert "sasrec" not in baselines
+    cfg = apply_overrides(GenSRConfig(), {"eval.first_stage": "sasrec"})
+    with pytest.raises(ConfigError, match=r"eval.first_stage='sasrec': this dataset has no "
+                                          r"SASRec model; `gensr pretrain-sasrec"):
+        first_stages(cfg, baselines)

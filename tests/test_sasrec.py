@@ -15,6 +15,7 @@ from gensr_ray.eval.sasrec import (
     SASRecConfig,
     fit_sasrec,
     left_pad,
+    pretrain_sasrec,
     sasrec_path,
     train_sequences,
 )
@@ -78,13 +79,21 @@ def test_training_is_deterministic_given_the_seed():
     assert not torch.equal(first["item_emb.weight"], other["item_emb.weight"])
 
 
-def test_learns_a_sequential_pattern_popularity_cannot_and_caches_the_model(tmp_path, caplog):
+def test_learns_a_sequential_pattern_popularity_cannot_and_is_read_back(tmp_path, caplog):
     root = walk_dataset(tmp_path / "walk")
-    popularity = build_baselines(root)["popularity"]
-    with caplog.at_level(logging.INFO, logger="gensr_ray.eval.sasrec"):
-        sasrec = DenseScorer(SASRecBaseline(root, N_ITEMS, WALK_CONFIG))
-        results = evaluate(root, "test", {"popularity": popularity, "sasrec": sasrec})
-    assert "training it now" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="gensr_ray.eval.harness"):
+        baselines = build_baselines(root)
+    # never trained by an evaluation: left out, and the warning says how to train it
+    assert "sasrec" not in baselines
+    assert f"SASRec left out: no model at {sasrec_path(root)}" in caplog.text
+    assert "gensr pretrain-sasrec --data" in caplog.text
+    with pytest.raises(DataError, match=r"sasrec.pt: no SASRec model; `gensr pretrain-sasrec"):
+        SASRecBaseline(root, N_ITEMS).item_vectors()
+
+    path = pretrain_sasrec(root, WALK_CONFIG)
+    assert path == sasrec_path(root) and path.is_file()
+    sasrec = build_baselines(root)["sasrec"]
+    results = evaluate(root, "test", {"popularity": baselines["popularity"], "sasrec": sasrec})
     models = results["models"]
     for task in ("rec", "search"):  # it ignores the query, so search is the same walk
         assert models["sasrec"][task]["sampled"]["HR@10"] >= 0.9
@@ -92,17 +101,12 @@ def test_learns_a_sequential_pattern_popularity_cannot_and_caches_the_model(tmp_
         assert models["popularity"][task]["sampled"]["HR@10"] <= 0.7
         assert models["popularity"][task]["full"]["Recall@10"] <= 0.4
 
-    # The saved model is reused (not retrained) and scores exactly as the trained one.
-    path = sasrec_path(root)
-    assert path.is_file()
-    caplog.clear()
+    # The saved model scores exactly as the trained one, whatever config it was trained with.
     batch = {"history": [np.array([4, 5, 6]), np.array([58, 59])]}
-    with caplog.at_level(logging.INFO, logger="gensr_ray.eval.sasrec"):
-        reloaded = SASRecBaseline(root, N_ITEMS, WALK_CONFIG)
-        np.testing.assert_array_equal(reloaded.query_vectors(batch),
-                                      sasrec.model.query_vectors(batch))
-        np.testing.assert_array_equal(reloaded.item_vectors(), sasrec.model.item_vectors())
-    assert "training" not in caplog.text
+    reloaded = SASRecBaseline(root, N_ITEMS)
+    np.testing.assert_array_equal(reloaded.query_vectors(batch), sasrec.model.query_vectors(batch))
+    np.testing.assert_array_equal(reloaded.item_vectors(), sasrec.model.item_vectors())
+    assert reloaded.model().config == WALK_CONFIG
     # Next items of 4,5,6 and of 58,59 (the walk wraps around) come first among the items the
     # user has not met (negatives were never the user's own items, so those may score high too).
     scores = reloaded.query_vectors(batch) @ reloaded.item_vectors().T
@@ -117,11 +121,35 @@ def test_learns_a_sequential_pattern_popularity_cannot_and_caches_the_model(tmp_
     sasrec_path(other).parent.mkdir(parents=True)
     shutil.copy(path, sasrec_path(other))
     with pytest.raises(DataError, match="60 items but the items table has 12.*another dataset"):
-        SASRecBaseline(other, 12, WALK_CONFIG).item_vectors()
+        SASRecBaseline(other, 12).item_vectors()
 
-    # A saved model trained with another config is replaced, not reused.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="gensr_ray.eval.sasrec"):
-        SASRecBaseline(root, N_ITEMS, replace(WALK_CONFIG, epochs=1)).item_vectors()
-    assert "training it again" in caplog.text
-    assert torch.load(path, weights_only=True)["config"]["epochs"] == 1
+
+def test_pretrain_sasrec_command_replaces_the_model_and_checks_its_flags(tmp_path, capsys):
+    from gensr_ray.cli import main
+
+    root = walk_dataset(tmp_path / "walk", n_users=20)
+    assert main(["pretrain-sasrec", "--data", str(root), "--epochs", "1", "--seed", "3"]) == 0
+    assert f"SASRec model written to {sasrec_path(root)}" in capsys.readouterr().out
+    saved = torch.load(sasrec_path(root), weights_only=True)["config"]
+    assert (saved["epochs"], saved["seed"], saved["sparse"]) == (1, 3, True)
+    assert main(["pretrain-sasrec", "--data", str(root), "--epochs", "2"]) == 0
+    assert torch.load(sasrec_path(root), weights_only=True)["config"]["epochs"] == 2
+    capsys.readouterr()
+    assert main(["pretrain-sasrec", "--data", str(root), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_step_touches_only_the_item_rows_of_its_batch():
+    config = SASRecConfig(dim=16, max_len=8, seed=0)
+    model = SASRec(1000, config)
+    before = model.item_emb.weight.detach().clone()
+    hidden = model(torch.tensor([[1000, 1000, 3, 4, 5]]))  # left-padded with id 1000
+    (hidden[:, -1] * model.item_emb(torch.tensor([7]))).sum().backward()
+    grad = model.item_emb.weight.grad
+    assert grad.is_sparse  # no dense items x dim gradient, whatever the catalogue's size
+    assert set(grad.coalesce().indices()[0].tolist()) <= {3, 4, 5, 7, 1000}
+    torch.optim.SparseAdam([model.item_emb.weight], lr=0.1).step()
+    after = model.item_emb.weight.detach()
+    moved = {i for i in range(1001) if not torch.equal(after[i], before[i])}
+    assert moved == {3, 4, 5, 7}  # the padding row stays zero
+    assert not SASRec(10, replace(config, sparse=False)).item_emb.sparse

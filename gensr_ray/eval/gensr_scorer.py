@@ -107,6 +107,9 @@ def first_stages(cfg, baselines: dict) -> dict:
                         cfg.eval.first_stage_search or cfg.eval.first_stage)}
     stage = {}
     for task, (setting, name) in names.items():
+        if name == "sasrec" and name not in baselines:
+            raise ConfigError(f"{setting}='sasrec': this dataset has no SASRec model; "
+                              "`gensr pretrain-sasrec --data DIR` trains it")
         if name not in baselines or (task == "rec" and name == "bm25"):
             options = sorted(b for b in baselines if task == "search" or b != "bm25")
             raise ConfigError(f"{setting}={name!r} is not a {task} first stage; "

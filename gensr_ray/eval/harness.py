@@ -369,11 +369,12 @@ def build_baselines(data_dir: Path, index: str = "flat", search_width: int = 64)
 
     LightGCN tables are read from cf/lightgcn.npz; when that file is missing they are trained
     with the default config (train split only) and saved there, so later runs reuse them.
-    SASRec does the same with cf/sasrec.pt, on its first use rather than here.
+    SASRec is read from cf/sasrec.pt, which `gensr pretrain-sasrec` writes; without it SASRec
+    is left out (with a warning), never trained here.
     """
     from gensr_ray.cf.lightgcn import LightGCNConfig, load_cf, save_cf, train_lightgcn
     from gensr_ray.eval.baselines import BM25, LightGCNBaseline, Popularity
-    from gensr_ray.eval.sasrec import SASRecBaseline
+    from gensr_ray.eval.sasrec import SASRecBaseline, sasrec_path
 
     items = contract.read_table(contract.items_dir(data_dir), columns=["item_id", "text"])
     n_items = items.num_rows
@@ -399,7 +400,12 @@ def build_baselines(data_dir: Path, index: str = "flat", search_width: int = 64)
             f"{path}: {cf.item_emb.shape[0]} items but the items table has {n_items}; the tables "
             "belong to another dataset, delete the file to retrain"
         )
-    models = [Popularity(counts), LightGCNBaseline(cf), SASRecBaseline(data_dir, n_items)]
+    models = [Popularity(counts), LightGCNBaseline(cf)]
+    if sasrec_path(data_dir).is_file():
+        models.append(SASRecBaseline(data_dir, n_items))
+    else:
+        log.warning("SASRec left out: no model at %s; `gensr pretrain-sasrec --data %s` "
+                    "trains it", sasrec_path(data_dir), data_dir)
     scorers = {model.name: DenseScorer(model, index, search_width) for model in models}
     # an inverted index over the item texts, built when its results are first asked for
     scorers[BM25.name] = LazyScorer(BM25.name, BM25.tasks, lambda: BM25(
