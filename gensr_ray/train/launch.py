@@ -170,6 +170,11 @@ def fit(cfg: GenSRConfig, where: RunLocation, callbacks: list | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s
+    # by default), and a worker's report waits for that poll: a report every step cost
+    # ~1.8 s a step (bench/report_cost.py). 0.2 s makes a report cost nothing measurable; a
+    # value the user set wins. The controller inherits it from this process.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # DeepSpeed may be imported here too (by transformers' integrations): it would probe
     # for a GPU and warn that it found none
     configure_accelerator(cfg.scale.use_gpu)
