@@ -85,7 +85,7 @@ def run_stage(command: list[str], limit: float, log: Path) -> dict:
     if code not in (0, "timeout"):
         # a local Ray cluster started by the command may outlive a crash: stop it
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-                       capture_output=True)
+                       capture_output=True, check=False)
     return {"seconds": seconds, "peak_gb": peak[0] / 2**30, "ok": code == 0,
             "status": "ok" if code == 0 else ("timeout" if code == "timeout" else f"exit {code}")}
 

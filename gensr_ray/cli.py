@@ -70,42 +70,39 @@ def _prepare(args: argparse.Namespace) -> None:
     prepare_dataset(_loader_options(args), args.out, write, with_cf=not args.no_cf)
 
 
-def _pretrain_cf(args: argparse.Namespace) -> None:
-    from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
+def _pretraining(args: argparse.Namespace, command: str, hint: str = "") -> tuple[Path, dict]:
+    """The checks `pretrain-cf` and `pretrain-sasrec` share: a local prepared dataset and
+    --epochs >= 1; the dataset's path and the config overrides (seed, epochs)."""
     from gensr_ray.config import ConfigError
-    from gensr_ray.data.contract import cf_path, read_meta
+    from gensr_ray.data.contract import read_meta
     from gensr_ray.storage import is_uri
 
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if is_uri(args.data):
-        raise ConfigError(f"pretrain-cf --data {args.data}: needs a local dataset directory; "
-                          "run `gensr prepare` with --out on object storage, which trains the "
-                          "tables before the upload")
-    args.data = Path(args.data)
+        raise ConfigError(f"{command} --data {args.data}: needs a local dataset directory{hint}")
     read_meta(args.data)
-    config = LightGCNConfig(seed=args.seed,
-                            **({"epochs": args.epochs} if args.epochs is not None else {}))
+    return Path(args.data), {"seed": args.seed,
+                             **({"epochs": args.epochs} if args.epochs is not None else {})}
+
+
+def _pretrain_cf(args: argparse.Namespace) -> None:
+    from gensr_ray.cf.lightgcn import LightGCNConfig, save_cf, train_lightgcn
+    from gensr_ray.data.contract import cf_path
+
+    data, overrides = _pretraining(args, "pretrain-cf", "; run `gensr prepare` with --out on "
+                                   "object storage, which trains the tables before the upload")
     started = time.perf_counter()
-    save_cf(train_lightgcn(args.data, config), cf_path(args.data))
-    print(f"LightGCN tables written to {cf_path(args.data)} ({time.perf_counter() - started:.1f}s)")
+    save_cf(train_lightgcn(data, LightGCNConfig(**overrides)), cf_path(data))
+    print(f"LightGCN tables written to {cf_path(data)} ({time.perf_counter() - started:.1f}s)")
 
 
 def _pretrain_sasrec(args: argparse.Namespace) -> None:
-    from gensr_ray.config import ConfigError
-    from gensr_ray.data.contract import read_meta
     from gensr_ray.eval.sasrec import SASRecConfig, pretrain_sasrec
-    from gensr_ray.storage import is_uri
 
-    if args.epochs is not None and args.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    if is_uri(args.data):
-        raise ConfigError(f"pretrain-sasrec --data {args.data}: needs a local dataset directory")
-    read_meta(args.data)
-    config = SASRecConfig(seed=args.seed,
-                          **({"epochs": args.epochs} if args.epochs is not None else {}))
+    data, overrides = _pretraining(args, "pretrain-sasrec")
     started = time.perf_counter()
-    path = pretrain_sasrec(Path(args.data), config)
+    path = pretrain_sasrec(data, SASRecConfig(**overrides))
     print(f"SASRec model written to {path} ({time.perf_counter() - started:.1f}s)")
 
 

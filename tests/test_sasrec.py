@@ -8,7 +8,7 @@ import torch
 from helpers import write_dataset
 
 from gensr_ray.data.contract import DataError
-from gensr_ray.eval.harness import DenseScorer, build_baselines, evaluate
+from gensr_ray.eval.harness import build_baselines, evaluate
 from gensr_ray.eval.sasrec import (
     SASRec,
     SASRecBaseline,

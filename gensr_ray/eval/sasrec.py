@@ -234,7 +234,9 @@ def train_sasrec(data_dir: Path, n_items: int, config: SASRecConfig | None = Non
 def pretrain_sasrec(data_dir: Path, config: SASRecConfig | None = None) -> Path:
     """Train SASRec on a dataset's train split and save it at cf/sasrec.pt, where the
     evaluation harness reads it (`gensr pretrain-sasrec`); the path."""
-    n_items = contract.read_table(contract.items_dir(data_dir), ["item_id"]).num_rows
+    from gensr_ray.cf.lightgcn import catalogue_sizes
+
+    _, n_items = catalogue_sizes(Path(data_dir))
     path = sasrec_path(data_dir)
     save_sasrec(train_sasrec(Path(data_dir), n_items, config), path)
     return path
