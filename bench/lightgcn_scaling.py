@@ -15,7 +15,6 @@ squares on the logs; goal <= 1.1), the extrapolation to full KuaiSAR's train edg
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
