@@ -310,7 +310,8 @@ def _item_texts(path: Path, wanted: np.ndarray) -> dict[int, tuple[str, str]]:
 def _levels(columns: dict, k: int, suffix: str) -> list[str]:
     names = []
     for lv in LEVELS:
-        value = columns.get(f"{lv}_level_category_name{suffix}", [None] * (k + 1))[k]
+        column = columns.get(f"{lv}_level_category_name{suffix}")  # optional columns
+        value = column[k] if column is not None else None
         if value and value.strip().lower() not in EMPTY_CATEGORY:
             names.append(value.strip())
     return names
