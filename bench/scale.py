@@ -13,9 +13,15 @@ command in its own process tree:
     gensr pretrain-cf --epochs 1                 (LightGCN, one epoch)
     gensr pretrain-sasrec --epochs 1             (SASRec, one epoch)
     gensr eval --baselines --split test          (popularity, LightGCN, SASRec, BM25; full
-                                                  catalogue and sampled protocols)
+               --max-examples N                   catalogue and sampled protocols; a seeded
+                                                  N test examples per task at every size)
     gensr train configs/debug.yaml, 20 steps     (Ray Train + DeepSpeed, 2 workers: start-up
                                                   dominates)
+
+The evaluation ranks a fixed number of test examples at every size (--eval-examples, 2,000 per
+task), so its time shows how the cost of one example grows with the catalogue. Ranking every
+test example exactly costs test users x items, which no index removes; `--eval-examples 0`
+measures that.
 
 Peak memory is the largest sum of RSS over the command's process tree (sampled every 0.2 s;
 for training that includes the local Ray cluster it starts). Prints a table, the fitted
@@ -94,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
     parser.add_argument("--stage-limit", type=float, default=600.0, help="seconds per stage")
+    parser.add_argument("--eval-examples", type=int, default=2000,
+                        help="test examples per task the baselines rank (0: all)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args()
     from prepare_memory import write_csvs
@@ -116,7 +124,8 @@ def main() -> None:
             "lightgcn": [gensr, "pretrain-cf", "--data", str(data), "--epochs", "1"],
             "sasrec": [gensr, "pretrain-sasrec", "--data", str(data), "--epochs", "1"],
             "baselines": [gensr, "eval", "--data", str(data), "--baselines", "--split", "test",
-                          "--out", str(work / f"baselines-{events}.json")],
+                          "--out", str(work / f"baselines-{events}.json"),
+                          "--max-examples", str(args.eval_examples)],
             "train": [gensr, "train", "--config", "configs/debug.yaml",
                       "--out", str(work / f"run-{events}"), "--set", f"data.path={data}",
                       "--set", "train.max_steps=20"],
