@@ -92,6 +92,15 @@ def _pretrain_cf(args: argparse.Namespace) -> None:
 
     data, overrides = _pretraining(args, "pretrain-cf", "; run `gensr prepare` with --out on "
                                    "object storage, which trains the tables before the upload")
+    if args.device is not None:
+        from gensr_ray.cf.lightgcn import resolve_device
+        from gensr_ray.config import ConfigError
+
+        try:
+            resolve_device(args.device)
+        except ValueError as error:
+            raise ConfigError(f"pretrain-cf --device: {error}") from None
+        overrides["device"] = args.device
     started = time.perf_counter()
     save_cf(train_lightgcn(data, LightGCNConfig(**overrides)), cf_path(data))
     print(f"LightGCN tables written to {cf_path(data)} ({time.perf_counter() - started:.1f}s)")
@@ -294,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a local dataset directory")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None,
+                   help="where to propagate the graph: auto (a GPU when torch sees one; the "
+                        "default), cpu, cuda, cuda:N")
     p.set_defaults(func=_pretrain_cf)
 
     p = sub.add_parser("pretrain-sasrec",

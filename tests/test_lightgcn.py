@@ -141,6 +141,17 @@ def test_pretrain_cf_on_a_uri_says_where_the_tables_are_trained(capsys):
     assert "needs a local dataset directory" in capsys.readouterr().err
 
 
+def test_pretrain_cf_names_a_device_torch_does_not_know(tmp_path, capsys):
+    from gensr_ray.cli import main
+
+    data = write_clustered(tmp_path / "data")
+    assert main(["pretrain-cf", "--data", str(data), "--device", "abacus"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain-cf --device: LightGCN device 'abacus'" in err
+    assert "Traceback" not in err
+    assert not (data / "cf" / "lightgcn.npz").exists()  # refused before any training
+
+
 def test_hand_written_gradient_matches_autograd_on_the_dense_adjacency():
     """One BPR step's loss and ego gradient against autograd through the dense matrix."""
     import torch

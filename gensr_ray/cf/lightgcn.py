@@ -49,6 +49,9 @@ class LightGCNConfig:
     lr: float = 1e-2
     reg: float = 1e-4  # L2 on the batch's layer-0 embeddings, as in the LightGCN paper
     seed: int = 42
+    # where the graph is propagated: auto = the first GPU torch sees, else the CPU; or a torch
+    # device string ("cpu", "cuda:1"). The initial table is drawn on the CPU either way.
+    device: str = "auto"
 
 
 @dataclass
@@ -98,6 +101,21 @@ def train_lightgcn(data_dir: Path, config: LightGCNConfig | None = None) -> CFTa
     return fit_lightgcn(users, items, n_users, n_items, config)
 
 
+def resolve_device(name: str):
+    """The torch device a LightGCNConfig.device names; `auto`: cuda when available."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"LightGCN device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"LightGCN device {name!r}: torch sees no CUDA device here")
+    return device
+
+
 def _normalized_adjacency(users, items, n_users: int, n_items: int):
     """D^-1/2 A D^-1/2 of the (users + items) bipartite graph as a sparse CSR tensor.
 
@@ -133,7 +151,8 @@ class _Propagation:
         import torch
 
         self.adjacency, self.layers = adjacency, layers
-        self.hops = (torch.empty(shape), torch.empty(shape))
+        device = adjacency.device
+        self.hops = (torch.empty(shape, device=device), torch.empty(shape, device=device))
 
     def __call__(self, x, out):
         out.copy_(x)
@@ -164,10 +183,12 @@ class _BPRStep:
         import torch
 
         self.propagate, self.reg = propagate, reg
-        self.final, self.grad_final = torch.empty(shape), torch.empty(shape)
-        self.rows = torch.empty(3 * batch, shape[1])  # user, positive, negative rows
-        self.grads = torch.empty(3 * batch, shape[1])
-        self.diff = torch.empty(batch, shape[1])
+        device = propagate.adjacency.device
+        self.final = torch.empty(shape, device=device)
+        self.grad_final = torch.empty(shape, device=device)
+        self.rows = torch.empty(3 * batch, shape[1], device=device)  # user, positive, negative
+        self.grads = torch.empty(3 * batch, shape[1], device=device)
+        self.diff = torch.empty(batch, shape[1], device=device)
 
     def __call__(self, ego, u, i, j) -> float:
         """Set ego.grad for the batch of (user, positive, negative) node ids; return the loss."""
@@ -209,12 +230,13 @@ def fit_lightgcn(
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    adjacency = _normalized_adjacency(users, items, n_users, n_items)
+    device = resolve_device(config.device)
+    adjacency = _normalized_adjacency(users, items, n_users, n_items).to(device)
     shape = (n_users + n_items, config.dim)
     propagate = _Propagation(adjacency, config.layers, shape)
     # Normal(0, 0.1) init, as in the LightGCN reference implementation.
-    ego = torch.nn.Parameter(torch.randn(shape) * 0.1)
-    ego.grad = torch.zeros(shape)
+    ego = torch.nn.Parameter((torch.randn(shape) * 0.1).to(device))
+    ego.grad = torch.zeros(shape, device=device)
     # fused: one pass over the table, no table-sized temporaries (5x faster than foreach on CPU)
     optimizer = torch.optim.Adam([ego], lr=config.lr, fused=True)
 
@@ -238,9 +260,9 @@ def fit_lightgcn(
         batch_users, batch_pos, batch_neg = users[order], items[order], negatives[order]
         epoch_loss = 0.0
         for lo in range(0, users.size, batch):
-            u = torch.from_numpy(batch_users[lo : lo + batch])
-            i = torch.from_numpy(batch_pos[lo : lo + batch]) + n_users
-            j = torch.from_numpy(batch_neg[lo : lo + batch]) + n_users
+            u = torch.from_numpy(batch_users[lo : lo + batch]).to(device)
+            i = torch.from_numpy(batch_pos[lo : lo + batch] + n_users).to(device)
+            j = torch.from_numpy(batch_neg[lo : lo + batch] + n_users).to(device)
             # The whole graph is propagated per step: every embedding a batch touches depends on
             # its neighbours' ego embeddings, and the graph is small (users + items nodes).
             loss = step(ego, u, i, j)
@@ -255,7 +277,7 @@ def fit_lightgcn(
                 epoch + 1, config.epochs, losses[-1], time.monotonic() - start,
             )
     with torch.no_grad():
-        final = propagate(ego, torch.empty(shape)).numpy()
+        final = propagate(ego, torch.empty(shape, device=device)).cpu().numpy()
     return CFTables(
         user_emb=np.ascontiguousarray(final[:n_users]),
         item_emb=np.ascontiguousarray(final[n_users:]),
