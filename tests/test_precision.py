@@ -124,7 +124,11 @@ class MatmulDtypes(TorchFunctionMode):
 @pytest.mark.parametrize("subspace", ["shared_lora", "task_lora", "task_and_shared_lora",
                                       "full"])
 def test_bf16_zero3_trains_every_backbone_and_subspace(data, backbone, subspace):
-    cfg = _config(data, backbone, **{"scale.precision": "bf16", "model.subspace": subspace})
+    # full fine-tuning at the adapters' lr (3e-3) oscillates on tiny-t5 (8 losses
+    # 0.575 ... 1.232, 0.498, 0.711, 0.345, 0.873); 3e-4 descends steadily, as full runs would
+    lr = 3e-4 if subspace == "full" else 3e-3
+    cfg = _config(data, backbone, **{"scale.precision": "bf16", "model.subspace": subspace,
+                                     "train.lr": lr})
     strategy, engine, backbone_ = _engine(cfg)
     batch = _batch(cfg, backbone_)
     assert set(batch["task"].tolist()) == {0, 1}
