@@ -83,3 +83,20 @@ def test_the_ivf_index_finds_most_of_the_exact_top_k():
     assert got.shape == (1, 10) and not set(got[0]) & set(long[0].tolist())
     with pytest.raises(ValueError, match="unknown index"):
         build_ip_index(items, "hnsw")
+
+
+def test_the_vectorised_filter_keeps_what_a_per_query_filter_keeps():
+    """Candidates with faiss's -1, repeated and out-of-catalogue exclusions, empty lists."""
+    from gensr_ray.eval.retrieval import _first_k_kept
+
+    rng = np.random.default_rng(3)
+    n_items, k = 30, 5
+    ids = rng.integers(-1, n_items, size=(40, 12))
+    exclude = [rng.integers(-2, n_items + 3, size=rng.integers(0, 15)) for _ in range(40)]
+    exclude[0] = np.zeros(0, dtype=np.int64)
+    got = _first_k_kept(ids, exclude, k, n_items)
+    for row in range(40):
+        kept = ids[row][(ids[row] >= 0) & ~np.isin(ids[row], exclude[row])][:k]
+        expected = np.full(k, -1)
+        expected[:kept.size] = kept
+        np.testing.assert_array_equal(got[row], expected)

@@ -96,7 +96,7 @@ def _first_k_kept(ids: np.ndarray, exclude: Sequence[np.ndarray], k: int, n_item
     that are neither missing nor in the row's exclusion list, padded with -1.
 
     One membership test for all rows (keys row * (n_items + 1) + item) rather than one per
-    row: at 10k queries the per-row calls cost more than the search."""
+    row, which cost ~60 us a query in numpy's call overhead."""
     n = ids.shape[0]
     stride = n_items + 1  # -1 maps to row * stride - 1, which no real (row, item) key takes
     lengths = np.fromiter((len(e) for e in exclude), dtype=np.int64, count=n)
