@@ -277,7 +277,7 @@ def fit_lightgcn(
                 epoch + 1, config.epochs, losses[-1], time.monotonic() - start,
             )
     with torch.no_grad():
-        final = propagate(ego, torch.empty(shape, device=device)).cpu().numpy()
+        final = propagate(ego, step.final).cpu().numpy()  # the step's scratch table
     return CFTables(
         user_emb=np.ascontiguousarray(final[:n_users]),
         item_emb=np.ascontiguousarray(final[n_users:]),
