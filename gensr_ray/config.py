@@ -62,7 +62,7 @@ RANGES: dict[str, tuple] = {
     "train.conflict_every": _NON_NEGATIVE, "train.conflict_examples": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
     "train.eval_every": _NON_NEGATIVE, "train.eval_examples": _AT_LEAST_1,
-    "train.patience": _NON_NEGATIVE,
+    "train.patience": _NON_NEGATIVE, "eval.scorer_retries": _NON_NEGATIVE,
     "scale.num_workers": _NON_NEGATIVE, "scale.cpus_per_worker": _POSITIVE,
     "scale.object_store_gb": _NON_NEGATIVE,
     "scale.data_cpus": _POSITIVE, "scale.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
@@ -215,6 +215,8 @@ class EvalConfig:
     num_workers: int = _f(2, "Ray workers scoring GenSR, each holding the model (0: in this "
                              "process, for debugging)")
     cpus_per_worker: float = _f(1.0, "CPUs per scoring worker")
+    scorer_retries: int = _f(2, "times a pass is resumed on a fresh pool of scoring workers, "
+                                "for the examples not yet scored, after a worker died")
     use_gpu: bool = _f(False, "score on the GPU (cuda) instead of the CPU")
     precision: str = _f("fp32", "dtype GenSR scores in: fp32 | bf16 | fp16 (bf16 on GPUs: "
                                 "half the memory, tensor cores)", choices=PRECISIONS)

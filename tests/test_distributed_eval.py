@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.validate import fingerprint
 from gensr_ray.data.writer import WriteOptions, write_dataset
-from gensr_ray.eval.distributed import DistributedGenSRScorer
+from gensr_ray.eval.distributed import DistributedGenSRScorer, _ScoringActor
 from gensr_ray.eval.gensr_scorer import GenSRScorer
 from gensr_ray.eval.harness import load_eval_examples
 from gensr_ray.eval.run import evaluate_run
@@ -75,6 +78,58 @@ def test_a_pass_over_requests_of_different_widths_keeps_each_in_place(ray_cluste
     assert [p.shape for p in pooled] == [(11, 7), (9, 3)]
     np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
     np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
+
+
+class _DiesOnce(_ScoringActor):
+    """A scoring worker whose first call, in whichever worker makes it first, ends the
+    worker's process as an out-of-memory kill would; the marker file makes it happen once."""
+
+    def __call__(self, batch: dict) -> dict:
+        marker = Path(self.checkpoint).with_name("a-scorer-died")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().__call__(batch)
+        os._exit(1)
+
+    def __init__(self, checkpoint: str, cfg: GenSRConfig):
+        super().__init__(checkpoint, cfg)
+        self.checkpoint = checkpoint
+
+
+def test_a_pass_that_loses_a_worker_resumes_on_a_fresh_pool(ray_cluster, checkpoint, caplog):
+    """No actor restarts (their error line, ray-project/ray#53727): the driver rescores what
+    a dead worker left, and the scores are those of the single process."""
+    from ray import cloudpickle  # Ray's own copy pickles the actor class
+
+    path, cfg = checkpoint
+    marker = path.with_name("a-scorer-died")
+    marker.unlink(missing_ok=True)
+    batch = load_eval_examples(Path(cfg.data.path), "test", max_examples=40)["rec"]
+    candidates = np.concatenate([batch["target"][:, None], batch["negatives"]], axis=1)
+    scorer = DistributedGenSRScorer(str(path), cfg, {})
+    scorer.actor_class = _DiesOnce
+    # the workers cannot import this test module: the class travels by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with caplog.at_level(logging.WARNING, logger="gensr_ray.eval.distributed"):
+            pooled = scorer.score(batch, candidates)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert marker.exists()
+    assert "a scoring worker was lost (ActorDiedError)" in caplog.text
+    model, backbone, local_cfg = load_for_eval(path, cfg)
+    single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
+    np.testing.assert_allclose(pooled, single.score(batch, candidates), rtol=0, atol=1e-5)
+    # with no retry allowed, the lost worker fails the evaluation
+    marker.unlink()
+    scorer.cfg = apply_overrides(cfg, {"eval.scorer_retries": 0})
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with pytest.raises(ray_cluster.exceptions.RayActorError):
+            scorer.score(batch, candidates)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def test_evaluation_results_match_between_the_paths(ray_cluster, checkpoint):

@@ -7,11 +7,19 @@ are scored in one Ray Data pipeline: the examples with their candidate lists ->
 `map_batches` over a pool of `eval.num_workers` scoring actors (a callable class, each
 loading the model once for the whole evaluation) -> the scores, which the driver puts back
 in order.
+
+The pool runs without Ray's actor restarts. With them (Ray Data's default), Ray core logs at
+error level on the driver, in every evaluation, that a restarted actor's constructor arguments
+might be gone from the object store (ray-project/ray#53727): a line that looks like a failure
+when nothing is wrong. A pass that loses a worker is resumed here instead, on a fresh pool,
+for the examples not yet scored (`eval.scorer_retries`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +32,16 @@ from gensr_ray.eval.gensr_scorer import GenSRScorer, first_stage_pool, rerank
 # small enough that N actors share a few thousand examples evenly
 EXAMPLES_PER_CALL = 16
 PAD = -1  # candidate slots beyond a request's width (item ids are >= 0)
+
+log = logging.getLogger(__name__)
+
+
+def _lost_worker_errors() -> tuple[type[Exception], ...]:
+    """What a pass raises when a scoring worker's process or node is gone."""
+    from ray import exceptions
+
+    return (exceptions.RayActorError, exceptions.WorkerCrashedError,
+            exceptions.NodeDiedError, exceptions.ObjectLostError)
 
 
 class _ScoringActor:
@@ -60,6 +78,7 @@ class DistributedGenSRScorer:
 
     name = "gensr"
     tasks = ("search", "rec")
+    actor_class = _ScoringActor  # what each worker of the pool runs
 
     def __init__(self, checkpoint: str, cfg: GenSRConfig, first_stage: dict):
         self.checkpoint = str(checkpoint)
@@ -98,21 +117,60 @@ class DistributedGenSRScorer:
             table = _table(r, batch, candidates, width)
             blocks += [table.slice(lo, EXAMPLES_PER_CALL)
                        for lo in range(0, len(candidates), EXAMPLES_PER_CALL)]
-        scored = ray.data.from_arrow(blocks).map_batches(
-            _ScoringActor, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
-            fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
-            compute=ray.data.ActorPoolStrategy(size=e.num_workers),
-            num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0)
+        scored = [np.zeros(len(c), dtype=bool) for _, c in requests]
         # examples/s and ETA on the driver, for passes long enough to wait on
         with tqdm(total=total, unit="ex", desc=f"gensr scoring ({e.num_workers} workers)",
                   mininterval=5, disable=total < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
-            for part in scored.iter_batches(batch_size=None, batch_format="numpy"):
-                for request in np.unique(part["request"]):
-                    rows = part["request"] == request
-                    scores = out[request]
-                    scores[part["position"][rows]] = part["scores"][rows, :scores.shape[1]]
-                bar.update(len(part["position"]))
+            for attempt in range(e.scorer_retries + 1):
+                try:
+                    for part in self._pass(blocks).iter_batches(batch_size=None,
+                                                                batch_format="numpy"):
+                        for request in np.unique(part["request"]):
+                            rows = part["request"] == request
+                            positions = part["position"][rows]
+                            scores = out[request]
+                            scores[positions] = part["scores"][rows, :scores.shape[1]]
+                            scored[request][positions] = True
+                        bar.update(len(part["position"]))
+                    break
+                except _lost_worker_errors() as error:
+                    blocks = _unscored(blocks, scored)
+                    if not blocks:  # lost after it had delivered every score
+                        break
+                    if attempt == e.scorer_retries:
+                        raise
+                    log.warning("a scoring worker was lost (%s); resuming the pass on a fresh "
+                                "pool for the %d examples not yet scored (retry %d of %d)",
+                                type(error).__name__, sum(b.num_rows for b in blocks),
+                                attempt + 1, e.scorer_retries)
         return out
+
+    def _pass(self, blocks: list[pa.Table]):
+        """The lazy Ray Data pipeline scoring `blocks` on a fresh pool of actors."""
+        import ray.data
+
+        e = self.cfg.eval
+        with warnings.catch_warnings():
+            # max_restarts goes through map_batches' **ray_remote_args, which Ray 2.60 marks
+            # deprecated (removed in 2.64) without another way to set it for an actor pool
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            return ray.data.from_arrow(blocks).map_batches(
+                self.actor_class, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
+                fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
+                compute=ray.data.ActorPoolStrategy(size=e.num_workers),
+                num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0, max_restarts=0)
+
+
+def _unscored(blocks: list[pa.Table], scored: list[np.ndarray]) -> list[pa.Table]:
+    """The rows of `blocks` whose (request, position) is not marked in `scored`."""
+    left = []
+    for block in blocks:
+        request = block["request"].to_numpy()
+        keep = ~np.array([scored[r][p] for r, p in zip(request, block["position"].to_numpy())],
+                         dtype=bool)
+        if keep.any():
+            left.append(block.filter(pa.array(keep)))
+    return left
 
 
 def _table(request: int, batch: dict, candidates: np.ndarray, width: int) -> pa.Table:
