@@ -12,7 +12,8 @@ import warnings
 # loggers whose INFO lines are start-up chatter on every run
 _LIBRARIES = ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed",
               "transformers", "torch.distributed", "filelock", "urllib3", "matplotlib",
-              "faiss")  # faiss: which CPU build it loads, with the ones it could not
+              "faiss",  # faiss: which CPU build it loads, with the ones it could not
+              "tensorboardX")  # Tune's logger: a line per metric whose name holds '@' 
 
 _verbose = False
 

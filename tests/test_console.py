@@ -39,6 +39,18 @@ def test_progress_follows_the_reports_of_this_run_only(tmp_path):
     assert not any(line.startswith("step 5") for line in lines)
 
 
+def test_the_libraries_notices_are_hidden_and_the_drivers_lines_kept():
+    code = ("import logging; from gensr_ray import console; console.configure(False); "
+            "logging.getLogger('tensorboardX.summary').info('Summary name a@1 is illegal'); "
+            "logging.getLogger('ray.tune').info('tune chatter'); "
+            "logging.getLogger('gensr_ray.study').info('the study line'); "
+            "logging.getLogger('ray.tune').warning('a real warning')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert "the study line" in err and "a real warning" in err
+    assert "is illegal" not in err and "tune chatter" not in err
+
+
 def test_describe_leaves_out_what_a_report_lacks():
     assert describe({"step": 3, "loss": 0.25}, None) == "loss 0.2500"
     assert describe({"step": 3, "rows_per_s": 9.6}, ("val/rec/HR@10", 0.5, 2)) == \
