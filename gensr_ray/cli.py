@@ -204,7 +204,7 @@ def _tune(args: argparse.Namespace) -> None:
     from gensr_ray.config import ConfigError, load_config
     from gensr_ray.prepare import ensure_data
     from gensr_ray.storage import is_uri
-    from gensr_ray.study import load_sweep, run_study
+    from gensr_ray.study import load_sweep, report_study, run_study
 
     if is_uri(args.out):
         # trials' checkpoints may live on object storage; the study's report is the driver's
@@ -213,8 +213,10 @@ def _tune(args: argparse.Namespace) -> None:
                           "--set scale.storage_path=s3://BUCKET/PREFIX")
     args.out = Path(args.out)
     sweep = load_sweep(args.sweep)
-    cfg = ensure_data(load_config(args.config, args.set))
-    study = run_study(cfg, sweep, args.out)
+    if args.report_only:  # the trials have run: no data, no Ray cluster needed
+        study = report_study(load_config(args.config, args.set), sweep, args.out)
+    else:
+        study = run_study(ensure_data(load_config(args.config, args.set)), sweep, args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"winner: {study['best']}; report in {args.out}/report.{{md,csv,png}}; "
           f"Tune experiment in {study['experiment']} (tensorboard --logdir {study['experiment']})")
@@ -333,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value (repeatable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report of a study that has run in --out, from its Tune "
+                        "directory, without running a trial")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")

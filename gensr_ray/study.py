@@ -112,6 +112,29 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     )
     with _lenient_metric_check(bool(sweep.scheduler)):
         grid = tuner.fit()
+    rows = _rows(grid, cfg)
+    best = write_report(out, sweep, rows, concurrency)
+    return {"best": best, "rows": rows, "experiment": str(out / "tune" / sweep.name)}
+
+
+def report_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
+    """Write the report of a study that has run, from its Tune directory (`out`/tune/<sweep>),
+    without running a trial: after its driver stopped before the report, or to redo it."""
+    import ray.tune
+
+    out = Path(out).resolve()
+    experiment = out / "tune" / sweep.name
+    if not (experiment / "tuner.pkl").exists():
+        raise ConfigError(f"{experiment}: no Tune experiment of sweep {sweep.name!r} there; "
+                          "run the study first (gensr tune without --report-only)")
+    grid = ray.tune.ResultGrid(ray.tune.ExperimentAnalysis(str(experiment)))
+    rows = _rows(grid, cfg)
+    best = write_report(out, sweep, rows, concurrency=None)  # unknown after the fact
+    return {"best": best, "rows": rows, "experiment": str(experiment)}
+
+
+def _rows(grid, cfg: GenSRConfig) -> list[dict]:
+    """One row per trial run: its trial, seed and final metrics, or its error."""
     rows = []
     for result in grid:
         name = result.config["trial"]
@@ -127,8 +150,7 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
         if "trial" not in result.metrics:  # no final evaluation: the scheduler stopped it
             row["stopped_at_step"] = result.metrics.get("step")
         rows.append(row)
-    best = write_report(out, sweep, rows, concurrency)
-    return {"best": best, "rows": rows, "experiment": str(out / "tune" / sweep.name)}
+    return rows
 
 
 def build_scheduler(cfg: GenSRConfig, sweep: Sweep):

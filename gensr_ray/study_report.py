@@ -22,7 +22,8 @@ from gensr_ray.sweep import Sweep
 TASKS = ("search", "rec")
 
 
-def write_report(out: Path, sweep: Sweep, rows: list[dict], concurrency: int) -> str | None:
+def write_report(out: Path, sweep: Sweep, rows: list[dict],
+                 concurrency: int | None) -> str | None:
     """Write the report files; the winning trial by the mean of the objective (None when no
     trial finished)."""
     ok = [r for r in rows if "error" not in r and "stopped_at_step" not in r]
@@ -53,8 +54,9 @@ def _mean_std(group: list[dict], metrics: list[str]) -> dict[str, tuple[float, f
     return out
 
 
-def _compare(sweep: Sweep, runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each trial against the reference on the objective, paired per example."""
+def _compare(sweep: Sweep, runs: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """Each trial against the reference on the objective's metric, paired per example: per
+    task, and over both when the objective is their mean ("mean")."""
     task, protocol, metric = sweep.metric.split("/")
     if protocol != "sampled" or not runs.get(sweep.reference):
         return {}
@@ -70,8 +72,10 @@ def _compare(sweep: Sweep, runs: dict[str, list[dict]]) -> dict[str, dict]:
         if any(len(mine[t]) != len(reference[t]) for t in mine if t in reference):
             raise ValueError(f"trial {name!r} was evaluated on other examples than "
                              f"{sweep.reference!r}; a paired comparison needs the same ones")
-        shared = [t for t in mine if t in reference]
-        out[name] = paired_bootstrap([mine[t] - reference[t] for t in shared])
+        differences = {t: mine[t] - reference[t] for t in mine if t in reference}
+        out[name] = {t: paired_bootstrap([d]) for t, d in differences.items()}
+        if task == "mean":
+            out[name]["mean"] = paired_bootstrap(list(differences.values()))
     return out
 
 
@@ -99,8 +103,14 @@ def _runs_csv(path: Path, sweep: Sweep, rows: list[dict], metrics: list[str]) ->
 
 def _summary_csv(path: Path, sweep: Sweep, summary: dict, comparisons: dict,
                  metrics: list[str]) -> None:
+    objective = sweep.metric.split("/")[0]
+    scopes = [objective] + [t for t in TASKS if objective == "mean"]
+    _, protocol, metric = sweep.metric.split("/")
     head = ["trial", "seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
     head += [f"{sweep.metric} minus {sweep.reference}", "ci_low", "ci_high", "p"]
+    for task in scopes[1:]:  # the tasks the objective averages, each paired on its own
+        head += [f"{task}/{protocol}/{metric} minus {sweep.reference}", f"{task} ci_low",
+                 f"{task} ci_high", f"{task} p"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(head)
@@ -108,13 +118,15 @@ def _summary_csv(path: Path, sweep: Sweep, summary: dict, comparisons: dict,
             seeds = max(n for _, _, n in stats.values())
             row = [name, seeds] + [f"{v:.6f}" for m in metrics
                                    for v in (stats[m][:2] if m in stats else (math.nan,) * 2)]
-            c = comparisons.get(name)
-            row += [f"{c[k]:.6f}" for k in ("difference", "low", "high", "p")] if c else [""] * 4
+            for scope in scopes:
+                c = comparisons.get(name, {}).get(scope)
+                row += ([f"{c[k]:.6f}" for k in ("difference", "low", "high", "p")] if c
+                        else [""] * 4)
             writer.writerow(row)
 
 
 def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
-              metrics: list[str], concurrency: int, best: str | None,
+              metrics: list[str], concurrency: int | None, best: str | None,
               stopped: list[dict]) -> list[str]:
     shown = [m for m in metrics if m.count("/") == 2 and m.split("/")[0] in TASKS
              and m.split("/")[2] in ("HR@10", "NDCG@10", "Recall@10")]
@@ -122,8 +134,9 @@ def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
     seeds = f"seeds {sweep.seeds}" if sweep.seeds else "one run each"
     lines = [f"# Sweep `{sweep.name}`", "",
              f"Objective: `{sweep.metric}` ({sweep.mode}) on the validation split; "
-             f"{len(sweep.trials)} trials, {seeds}; {len(rows)} runs, {concurrency} at a time. "
-             "Cells: mean ± standard deviation over seeds.", "",
+             f"{len(sweep.trials)} trials, {seeds}; {len(rows)} runs"
+             + (f", {concurrency} at a time" if concurrency else "")
+             + ". Cells: mean ± standard deviation over seeds.", "",
              "| trial | overrides | " + " | ".join(shown) + " |",
              "|---|---|" + "---|" * len(shown)]
     for name, overrides in sweep.trials.items():
@@ -135,15 +148,20 @@ def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
         lines.append(f"| {name} | `{json.dumps(overrides)}` | " + " | ".join(cells) + " |")
     lines.append("")
     if comparisons:
-        lines += [f"Paired comparison with `{sweep.reference}` on `{sweep.metric}`: per "
-                  "example, the trial's metric (mean over its seeds) minus the reference's, "
-                  "on the same examples and stored negatives; 95 % paired-bootstrap interval "
-                  "(10,000 resamples of the examples) and two-sided p-value.", "",
-                  "| trial | difference | 95 % interval | p | examples |",
-                  "|---|---|---|---|---|"]
-        for name, c in comparisons.items():
-            lines.append(f"| {name} | {c['difference']:+.4f} | [{c['low']:+.4f}, "
-                         f"{c['high']:+.4f}] | {c['p']:.4f} | {c['examples']} |")
+        _, protocol, metric = sweep.metric.split("/")
+        scopes = list(next(iter(comparisons.values())))
+        lines += [(f"Paired comparison with `{sweep.reference}` on `{protocol}/{metric}`: per "
+                   "example, the trial's metric (mean over its seeds) minus the reference's, "
+                   "on the same examples and stored negatives; 95 % paired-bootstrap interval "
+                   "(10,000 resamples of the examples) and two-sided p-value. An interval "
+                   "that holds 0 is within noise."), "",
+                  "| trial | " + " | ".join(scopes) + " | examples |",
+                  "|---|" + "---|" * len(scopes) + "---|"]
+        for name, by_scope in comparisons.items():
+            cells = [f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                     f"p={c['p']:.3f}" for c in by_scope.values()]
+            examples = by_scope[scopes[-1]]["examples"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {examples} |")
         lines.append("")
     if best:
         mean = summary[best][sweep.metric][0]
@@ -152,8 +170,8 @@ def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
         lines += ["**No trial finished.**", ""]
     if stopped:
         metric = sweep.validation_metric
-        lines += [f"Stopped early by the {sweep.scheduler['name']} scheduler (no final "
-                  "evaluation):", ""]
+        lines += [(f"Stopped early by the {sweep.scheduler['name']} scheduler (no final "
+                   "evaluation):"), ""]
         lines += [f"- `{r['trial']}` (seed {r.get('seed')}) at step {r['stopped_at_step']}, "
                   f"{metric} = {r.get(metric, float('nan')):.4f}" for r in stopped]
         lines.append("")

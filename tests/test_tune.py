@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gensr_ray.config import apply_overrides, load_config
+from gensr_ray.config import ConfigError, apply_overrides, load_config
 from gensr_ray.eval.paired import per_example
-from gensr_ray.study import load_sweep, run_study
+from gensr_ray.study import load_sweep, report_study, run_study
 
 ROOT = Path(__file__).parent.parent
 
@@ -71,6 +71,14 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
     experiment = Path(study["experiment"])  # Tune's own results stay browsable
     assert len(list(experiment.glob("*/result.json"))) == 2
     assert len(list(experiment.glob("*/events.out.tfevents.*"))) == 2  # TensorBoard
+    # the report again from the Tune directory alone (gensr tune --report-only)
+    before = sorted((tmp_path / "study" / "report.csv").read_text().splitlines())
+    (tmp_path / "study" / "report.csv").unlink()
+    again = report_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    assert again["best"] == "lambda_0"
+    assert sorted((tmp_path / "study" / "report.csv").read_text().splitlines()) == before
+    with pytest.raises(ConfigError, match="no Tune experiment of sweep 'asha' there"):
+        report_study(cfg, load_sweep(sweep_file), tmp_path / "elsewhere")
 
 
 def test_a_scheduler_needs_validation_during_training(tmp_path):
@@ -140,10 +148,16 @@ def test_a_multi_seed_report_gives_mean_std_and_a_paired_interval(tmp_path):
     better, same = summary["better"], summary["same"]
     assert float(better["p"]) < 0.01 and float(better["ci_low"]) > 0
     assert float(same["ci_low"]) < 0 < float(same["ci_high"]) and float(same["p"]) > 0.05
+    for task in ("search", "rec"):  # each task paired on its own too
+        assert float(better[f"{task} ci_low"]) > 0 and float(better[f"{task} p"]) < 0.01
+        # `same` differs from `base` by the seeds' noise only: a small difference either way
+        assert abs(float(same[f"{task}/sampled/NDCG@10 minus base"])) < 0.01
+        assert float(same[f"{task} ci_high"]) - float(same[f"{task} ci_low"]) < 0.02
     assert summary["base"]["p"] == ""  # the reference is not compared with itself
     report = (tmp_path / "report.md").read_text()
     assert "seeds [1, 2, 3]" in report and " ± " in report
     assert "Paired comparison with `base`" in report and "| better | +" in report
+    assert "| trial | search | rec | mean | examples |" in report
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert len(list(csv.DictReader((tmp_path / "report.csv").open()))) == 9
 
