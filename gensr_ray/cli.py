@@ -216,7 +216,8 @@ def _tune(args: argparse.Namespace) -> None:
     if args.report_only:  # the trials have run: no data, no Ray cluster needed
         study = report_study(load_config(args.config, args.set), sweep, args.out)
     else:
-        study = run_study(ensure_data(load_config(args.config, args.set)), sweep, args.out)
+        study = run_study(ensure_data(load_config(args.config, args.set)), sweep, args.out,
+                          resume=args.resume)
     print((Path(args.out) / "report.md").read_text())
     print(f"winner: {study['best']}; report in {args.out}/report.{{md,csv,png}}; "
           f"Tune experiment in {study['experiment']} (tensorboard --logdir {study['experiment']})")
@@ -335,9 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value (repeatable)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rewrite the report of a study that has run in --out, from its Tune "
-                        "directory, without running a trial")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the study in --out: run only its trials that did not "
+                           "finish (stopped, failed), then write the report of all")
+    mode.add_argument("--report-only", action="store_true",
+                      help="rewrite the report of a study that has run in --out, from its "
+                           "Tune directory, without running a trial")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint and/or the baselines on a split")

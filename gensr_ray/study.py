@@ -13,6 +13,7 @@ At the end the study writes its report (gensr_ray.study_report) into the output 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from pathlib import Path
@@ -79,8 +80,12 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
                      "results": str(out / "valid_results.json")})
 
 
-def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
-    """Run every trial of `sweep` on top of `cfg`; write the report; return the best trial."""
+def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = False) -> dict:
+    """Run every trial of `sweep` on top of `cfg`; write the report; return the best trial.
+
+    `resume`: continue the study already in `out` (stopped, or with failed trials): Tune
+    restores it from `out`/tune/<sweep> and runs only the trials that did not finish, on
+    top of `cfg` as given now (give the study's own config and sweep)."""
     import ray
     import ray.tune
 
@@ -97,9 +102,44 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     trial_resources = ray.tune.PlacementGroupFactory(
         [{"CPU": TRIAL_DRIVER_CPU}, {"CPU": cfg.scale.data_cpus}])
     # the base config reaches trials as an object (with_parameters), never re-parsed
-    trainable = ray.tune.with_parameters(run_trial, base=cfg)
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, trial_resources),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=cfg),
+                                        trial_resources)
+    experiment = out / "tune" / sweep.name
+    if resume:
+        if not ray.tune.Tuner.can_restore(str(experiment)):
+            raise ConfigError(f"{experiment}: no Tune experiment of sweep {sweep.name!r} to "
+                              "resume there; run the study without --resume")
+        _check_same_sweep(experiment, sweep)
+        # finished trials keep their results; interrupted and failed ones run again from the
+        # start (a trial's training keeps no Tune checkpoint)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, sweep, trainable, concurrency, out)
+    with _lenient_metric_check(bool(sweep.scheduler)):
+        grid = tuner.fit()
+    rows = _rows(grid, cfg)
+    best = write_report(out, sweep, rows, concurrency)
+    return {"best": best, "rows": rows, "experiment": str(experiment)}
+
+
+def _check_same_sweep(experiment: Path, sweep: Sweep) -> None:
+    """A resumed study's trials run the overrides it started with: refuse another sweep file."""
+    import ray.tune
+
+    ran = {json.dumps(t.config.get("overrides"), sort_keys=True)
+           for t in ray.tune.ExperimentAnalysis(str(experiment)).trials}
+    if ran != {json.dumps(sweep.trials, sort_keys=True)}:
+        raise ConfigError(f"{experiment}: the study ran other trials than sweep "
+                          f"{sweep.name!r} lists now; resume it with the sweep file it started "
+                          "with, or start a new study in another --out")
+
+
+def _new_tuner(cfg: GenSRConfig, sweep: Sweep, trainable, concurrency: int, out: Path):
+    import ray.tune
+
+    return ray.tune.Tuner(
+        trainable,
         param_space={"overrides": sweep.trials,
                      "trial": ray.tune.grid_search(list(sweep.trials)),
                      **({"seed": ray.tune.grid_search(sweep.seeds)} if sweep.seeds else {})},
@@ -110,11 +150,6 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
                                         scheduler=build_scheduler(cfg, sweep)),
         run_config=ray.tune.RunConfig(name=sweep.name, storage_path=str(out / "tune")),
     )
-    with _lenient_metric_check(bool(sweep.scheduler)):
-        grid = tuner.fit()
-    rows = _rows(grid, cfg)
-    best = write_report(out, sweep, rows, concurrency)
-    return {"best": best, "rows": rows, "experiment": str(out / "tune" / sweep.name)}
 
 
 def report_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:

@@ -81,6 +81,39 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
         report_study(cfg, load_sweep(sweep_file), tmp_path / "elsewhere")
 
 
+def test_a_resumed_study_runs_only_the_trials_that_did_not_finish(ray_cluster, tmp_path):
+    """`later` fails at first (its data is not there yet); resumed, it runs, and `here`,
+    finished, keeps its one result."""
+    import shutil
+
+    data = _titles_all_starting_with_item(tmp_path / "data")
+    later = tmp_path / "later"
+    sweep_file = tmp_path / "resume.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "metric": "mean/sampled/NDCG@10", "mode": "max",
+        "trials": {"here": {}, "later": {"data.path": str(later)}}}))
+    cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
+        "data.path": str(data), "train.max_steps": 2, "train.log_every": 1,
+        "eval.max_examples": 10})
+    first = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    rows = {r["trial"]: r for r in first["rows"]}
+    assert "error" not in rows["here"] and "later" in rows["later"]["error"]
+    experiment = Path(first["experiment"])
+    here_results = next(experiment.glob("*here*/result.json")).read_text()
+
+    shutil.copytree(data, later)
+    again = run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
+    rows = {r["trial"]: r for r in again["rows"]}
+    assert "error" not in rows["later"] and math.isfinite(rows["later"]["rec/sampled/NDCG@10"])
+    assert next(experiment.glob("*here*/result.json")).read_text() == here_results
+    assert "| later |" in (tmp_path / "study" / "report.md").read_text()
+
+    sweep_file.write_text(yaml.safe_dump({"metric": "mean/sampled/NDCG@10", "mode": "max",
+                                          "trials": {"here": {}, "other": {}}}))
+    with pytest.raises(ConfigError, match="ran other trials than sweep 'resume' lists now"):
+        run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
+
+
 def test_a_scheduler_needs_validation_during_training(tmp_path):
     from gensr_ray.config import ConfigError
     from gensr_ray.study import build_scheduler
