@@ -2,9 +2,12 @@
 and standard deviation over seeds, and a paired comparison with the reference trial), and
 report.png (the objective per task, with error bars over seeds).
 
-The paired comparison resamples examples: every trial is evaluated on the same validation
-examples with the same stored negatives, so per example the trial's metric (averaged over its
-seeds) minus the reference's is a paired difference (gensr_ray.eval.paired).
+The paired comparison: every trial is evaluated on the same validation examples with the same
+stored negatives, and a trial's run with seed s starts from the same initialisation and data
+order as the reference's run with seed s, so per seed and example the trial's metric minus the
+reference's is a paired difference. The bootstrap resamples the seeds and the examples
+(gensr_ray.eval.paired): its interval holds the spread between seeds, which decides most
+comparisons of short runs, as well as the choice of examples.
 """
 
 from __future__ import annotations
@@ -67,29 +70,32 @@ def _compare(sweep: Sweep, runs: dict[str, list[dict]]) -> dict[str, dict[str, d
         if name == sweep.reference or not group or not reference:
             continue
         mine = _per_example(group, tasks, metric)
-        if not mine:
+        seeds = sorted(set(mine) & set(reference))  # runs paired by seed
+        if not seeds:
             continue
-        if any(len(mine[t]) != len(reference[t]) for t in mine if t in reference):
+        shared = [t for t in tasks if all(t in mine[s] and t in reference[s] for s in seeds)]
+        if any(len(mine[s][t]) != len(reference[s][t]) for s in seeds for t in shared):
             raise ValueError(f"trial {name!r} was evaluated on other examples than "
                              f"{sweep.reference!r}; a paired comparison needs the same ones")
-        differences = {t: mine[t] - reference[t] for t in mine if t in reference}
+        differences = {t: np.stack([mine[s][t] - reference[s][t] for s in seeds])
+                       for t in shared}
         out[name] = {t: paired_bootstrap([d]) for t, d in differences.items()}
         if task == "mean":
             out[name]["mean"] = paired_bootstrap(list(differences.values()))
     return out
 
 
-def _per_example(group: list[dict], tasks: tuple, metric: str) -> dict[str, np.ndarray]:
-    """Per task, each example's metric averaged over the runs (seeds) of a trial."""
-    per_run = []
+def _per_example(group: list[dict], tasks: tuple, metric: str) -> dict[int, dict[str, np.ndarray]]:
+    """Per run of a trial (by its seed), per task, each example's metric."""
+    runs = {}
     for r in group:
         if "results" not in r:
             return {}
         ranks = json.loads(Path(r["results"]).read_text()).get("sampled_ranks", {}).get("gensr")
         if not ranks:
             return {}
-        per_run.append({t: per_example(ranks[t], metric) for t in tasks if t in ranks})
-    return {t: np.mean([run[t] for run in per_run], axis=0) for t in per_run[0]}
+        runs[r["seed"]] = {t: per_example(ranks[t], metric) for t in tasks if t in ranks}
+    return runs
 
 
 def _runs_csv(path: Path, sweep: Sweep, rows: list[dict], metrics: list[str]) -> None:
@@ -151,10 +157,10 @@ def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
         _, protocol, metric = sweep.metric.split("/")
         scopes = list(next(iter(comparisons.values())))
         lines += [(f"Paired comparison with `{sweep.reference}` on `{protocol}/{metric}`: per "
-                   "example, the trial's metric (mean over its seeds) minus the reference's, "
-                   "on the same examples and stored negatives; 95 % paired-bootstrap interval "
-                   "(10,000 resamples of the examples) and two-sided p-value. An interval "
-                   "that holds 0 is within noise."), "",
+                   "seed and example, the trial's metric minus the reference's (same seed, "
+                   "same examples and stored negatives); mean, 95 % interval of a bootstrap "
+                   "that resamples seeds and examples (10,000 resamples) and two-sided "
+                   "p-value. An interval that holds 0 is within noise."), "",
                   "| trial | " + " | ".join(scopes) + " | examples |",
                   "|---|" + "---|" * len(scopes) + "---|"]
         for name, by_scope in comparisons.items():

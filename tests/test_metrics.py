@@ -110,3 +110,23 @@ def test_paired_bootstrap_finds_a_real_shift_and_not_a_null_one():
     assert paired_bootstrap([np.zeros(5)])["p"] == 1.0  # identical runs: no difference
     with pytest.raises(ValueError, match="at least one paired example"):
         paired_bootstrap([np.zeros(0)])
+
+
+def test_paired_bootstrap_over_seeds_keeps_the_spread_between_seeds():
+    """Per seed a trial is clearly better or clearly worse than the reference (+0.06, -0.05,
+    +0.05): the example-level noise of the seeds' mean is small, the seeds' spread is not."""
+    from gensr_ray.eval.paired import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    by_seed = np.stack([rng.normal(shift, 0.05, 600) for shift in (0.06, -0.05, 0.05)])
+    seeds_mean_only = paired_bootstrap([by_seed.mean(axis=0)], resamples=4000)
+    assert seeds_mean_only["low"] > 0  # the seeds' mean alone looks like a real gain
+    both = paired_bootstrap([by_seed], resamples=4000)
+    assert both["difference"] == pytest.approx(seeds_mean_only["difference"])
+    assert both["low"] < 0 < both["high"] and both["p"] > 0.05 and both["seeds"] == 3
+    # a gain on every seed stays a gain
+    steady = paired_bootstrap([np.stack([rng.normal(0.05, 0.05, 600) for _ in range(3)])],
+                              resamples=4000)
+    assert steady["low"] > 0 and steady["p"] < 0.01
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired_bootstrap([np.zeros((3, 5)), np.zeros((2, 5))])
