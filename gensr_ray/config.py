@@ -122,6 +122,10 @@ class ModelConfig:
     sem_heads: int = _f(2, "heads of the 1-layer semantic history transformer")
     use_cf: bool = _f(True, "collaborative view (False: its soft tokens are zero vectors)")
     use_sem: bool = _f(True, "semantic view (False: its soft token is a zero vector)")
+    history_positions: bool = _f(False, "add a learned embedding of each history item's "
+                                        "recency (0: the latest) in both views' encoders, as "
+                                        "SASRec does; the authors' encoders see the history "
+                                        "as a set")
     attn_implementation: str = _f("sdpa", "backbone attention: sdpa | eager | "
                                           "flash_attention_2 (needs flash-attn, GPUs, bf16/fp16)",
                                   choices=ATTENTION)

@@ -304,15 +304,17 @@ def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_dat
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("subspace", ["shared_lora", "task_lora"])
-def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace):
+@pytest.mark.parametrize("subspace, positions", [("shared_lora", False), ("task_lora", False),
+                                                 ("shared_lora", True)])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions):
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
     from gensr_ray.inputs.build import build_features
 
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
-        "model.prompt": "title_text", "model.subspace": subspace})
+        "model.prompt": "title_text", "model.subspace": subspace,
+        "model.history_positions": positions})
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     for p in model.parameters():  # non-zero adapters, so routing matters
         if p.requires_grad:
@@ -385,3 +387,48 @@ def test_the_discriminative_twin_heads_one_logit_per_task(tiny_data):
             full = answer_score(model(collate(rows))["logits"])
             shared = answer_score(model.score_group(collate.group(group)))
         torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+
+
+def _reversed_histories(batch: dict) -> dict:
+    """The same rows with each history's real items in the opposite order."""
+    out = dict(batch)
+    for key in ("hist_items", "hist_mask", "hist_title_ids", "hist_title_mask"):
+        out[key] = batch[key].clone()
+    for r, length in enumerate(batch["hist_mask"].sum(1).tolist()):
+        for key in ("hist_items", "hist_title_ids", "hist_title_mask"):
+            out[key][r, :length] = batch[key][r, :length].flip(0)
+    return out
+
+
+def test_history_positions_tell_the_order_of_the_history(tiny_data):
+    """The authors' encoders see the history as a set: reversing it changes no score. With
+    model.history_positions the model starts as theirs (zero embeddings) and, once the
+    embeddings leave zero, tells the latest item from the oldest."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
+    from gensr_ray.data import contract
+    from gensr_ray.inputs.build import build_features
+    from gensr_ray.model.gensr import recency
+
+    assert recency(torch.tensor([[True, True, True, False]])).tolist() == [[2, 1, 0, 0]]
+    examples = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 8)
+    scores = {}
+    for positions in (False, True):
+        cfg = apply_overrides(GenSRConfig(), {
+            "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+            "model.prompt": "minimal", "model.history_positions": positions})
+        torch.manual_seed(0)
+        model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+        model.eval()
+        encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+        batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+        assert (batch["hist_mask"].sum(1) > 1).any()
+        with torch.no_grad():
+            scores[positions] = model(batch)["logits"]
+            reversed_ = model(_reversed_histories(batch))["logits"]
+            torch.testing.assert_close(reversed_, scores[positions], rtol=1e-5, atol=1e-6)
+            if positions:
+                torch.nn.init.normal_(model.cf_positions.weight, std=0.5)
+                torch.nn.init.normal_(model.sem_positions.weight, std=0.5)
+                assert not torch.allclose(model(_reversed_histories(batch))["logits"],
+                                          model(batch)["logits"], atol=1e-4)
+    torch.testing.assert_close(scores[True], scores[False])  # zero embeddings: the same model

@@ -69,6 +69,18 @@ class EncoderLayer(nn.Module):
         return self.norm_ff(x + self.ff_out(torch.relu(self.ff_in(x))))
 
 
+# recency ranks a history position embedding tells apart; older items share the last one
+HISTORY_POSITIONS = 64
+
+
+def recency(mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] rank of each history position from the latest (0), for histories left-aligned
+    in time order (`mask` marks the real ones; padding gets a rank that is masked out)."""
+    latest = mask.sum(-1, keepdim=True) - 1
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (latest - positions).clamp(0, HISTORY_POSITIONS - 1)
+
+
 class TargetAttention(nn.Module):
     """Pool a sequence against a target: score_j = h_j^T W e, masked softmax, weighted sum."""
 
@@ -109,6 +121,11 @@ class GenSR(nn.Module):
         self.cf_proj = nn.Linear(cf_dim, width)
         self.sem_encoder = EncoderLayer(width, cfg.sem_heads, 2 * width)
         self.sem_attention = TargetAttention(width)
+        if cfg.history_positions:  # zero at first: training starts from the authors' encoders
+            self.cf_positions = nn.Embedding(HISTORY_POSITIONS, cf_dim)
+            self.sem_positions = nn.Embedding(HISTORY_POSITIONS, width)
+            nn.init.zeros_(self.cf_positions.weight)
+            nn.init.zeros_(self.sem_positions.weight)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
         # the discriminative twin: one logit per task from the shared representation
         self.task_heads = nn.Linear(width, len(TASKS)) if cfg.kind == "discriminative" else None
@@ -124,7 +141,10 @@ class GenSR(nn.Module):
 
     # -- the two views: encode the history once, pool it against each candidate -----------
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
-        return self.cf_encoder(self.cf_items[hist_items].to(self.compute_dtype), hist_mask)
+        x = self.cf_items[hist_items].to(self.compute_dtype)
+        if self.cfg.history_positions:
+            x = x + self.cf_positions(recency(hist_mask))
+        return self.cf_encoder(x, hist_mask)
 
     def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
                 target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +155,10 @@ class GenSR(nn.Module):
     def sem_encode(self, title_ids: torch.Tensor, title_mask: torch.Tensor):
         """History title tokens through the backbone's embeddings and a 1-layer transformer."""
         b, h, t = title_ids.shape
-        tokens = self.lm.get_input_embeddings()(title_ids).reshape(b, h * t, -1)
+        tokens = self.lm.get_input_embeddings()(title_ids)
+        if self.cfg.history_positions:  # every token of a title gets its item's recency
+            tokens = tokens + self.sem_positions(recency(title_mask.any(-1)))[:, :, None, :]
+        tokens = tokens.reshape(b, h * t, -1)
         mask = title_mask.reshape(b, h * t)
         return self.sem_encoder(tokens, mask), mask
 

@@ -27,7 +27,8 @@ from gensr_ray.model.gensr import SUBSPACES, gensr_loss
 KINDS = ("attention", "mlp", "lora_A", "lora_B", "view encoders", "projection", "embeddings",
          "other")
 _LAYER = re.compile(r"\.(?:layers|block|h)\.(\d+)\.")
-_VIEWS = ("cf_encoder.", "cf_attention.", "sem_encoder.", "sem_attention.")
+_VIEWS = ("cf_encoder.", "cf_attention.", "sem_encoder.", "sem_attention.", "cf_positions.",
+          "sem_positions.")
 
 
 def parameter_group(name: str) -> tuple[int | None, str]:
