@@ -219,6 +219,9 @@ def _tune(args: argparse.Namespace) -> None:
         study = run_study(ensure_data(load_config(args.config, args.set)), sweep, args.out,
                           resume=args.resume)
     print((Path(args.out) / "report.md").read_text())
+    if study.get("unfinished"):
+        print(f"{study['unfinished']} runs have not finished and are not in the report "
+              "(gensr tune --resume runs them)")
     print(f"winner: {study['best']}; report in {args.out}/report.{{md,csv,png}}; "
           f"Tune experiment in {study['experiment']} (tensorboard --logdir {study['experiment']})")
 

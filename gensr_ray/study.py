@@ -83,7 +83,7 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
 def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = False) -> dict:
     """Run every trial of `sweep` on top of `cfg`; write the report; return the best trial.
 
-    `resume`: continue the study already in `out` (stopped, or with failed trials): Tune
+    `resume`: continue the study already in `out` (interrupted, or with failed trials): Tune
     restores it from `out`/tune/<sweep> and runs only the trials that did not finish, on
     top of `cfg` as given now (give the study's own config and sweep)."""
     import ray
@@ -153,8 +153,10 @@ def _new_tuner(cfg: GenSRConfig, sweep: Sweep, trainable, concurrency: int, out:
 
 
 def report_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
-    """Write the report of a study that has run, from its Tune directory (`out`/tune/<sweep>),
-    without running a trial: after its driver stopped before the report, or to redo it."""
+    """Write the report of a study from its Tune directory (`out`/tune/<sweep>) without
+    running a trial: after its driver stopped before the report, to redo it, or while it
+    runs. Runs that have not finished (running, pending, interrupted) are left out and
+    counted in "unfinished"."""
     import ray.tune
 
     out = Path(out).resolve()
@@ -162,10 +164,14 @@ def report_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path) -> dict:
     if not (experiment / "tuner.pkl").exists():
         raise ConfigError(f"{experiment}: no Tune experiment of sweep {sweep.name!r} there; "
                           "run the study first (gensr tune without --report-only)")
-    grid = ray.tune.ResultGrid(ray.tune.ExperimentAnalysis(str(experiment)))
-    rows = _rows(grid, cfg)
+    analysis = ray.tune.ExperimentAnalysis(str(experiment))
+    # a ResultGrid lists the analysis' trials in order
+    finished = [result for trial, result in zip(analysis.trials, ray.tune.ResultGrid(analysis))
+                if trial.status in ("TERMINATED", "ERROR")]
+    rows = _rows(finished, cfg)
     best = write_report(out, sweep, rows, concurrency=None)  # unknown after the fact
-    return {"best": best, "rows": rows, "experiment": str(experiment)}
+    return {"best": best, "rows": rows, "experiment": str(experiment),
+            "unfinished": len(analysis.trials) - len(finished)}
 
 
 def _rows(grid, cfg: GenSRConfig) -> list[dict]:

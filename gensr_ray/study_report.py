@@ -147,7 +147,8 @@ def _markdown(sweep: Sweep, rows: list[dict], summary: dict, comparisons: dict,
              "|---|---|" + "---|" * len(shown)]
     for name, overrides in sweep.trials.items():
         stats = summary.get(name)
-        missing = "stopped" if any(r["trial"] == name for r in stopped) else "error"
+        missing = ("stopped" if any(r["trial"] == name for r in stopped)
+                   else "error" if any(r["trial"] == name for r in rows) else "not run")
         cells = [(f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" if stats[m][2] > 1
                   else f"{stats[m][0]:.4f}") if stats and m in stats else missing
                  for m in shown]
