@@ -117,7 +117,7 @@ def test_a_pass_that_loses_a_worker_resumes_on_a_fresh_pool(ray_cluster, checkpo
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert marker.exists()
-    assert "a scoring worker was lost (ActorDiedError)" in caplog.text
+    assert "a scoring worker was lost (" in caplog.text
     model, backbone, local_cfg = load_for_eval(path, cfg)
     single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
     np.testing.assert_allclose(pooled, single.score(batch, candidates), rtol=0, atol=1e-5)
