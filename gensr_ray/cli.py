@@ -213,11 +213,11 @@ def _tune(args: argparse.Namespace) -> None:
                           "--set scale.storage_path=s3://BUCKET/PREFIX")
     args.out = Path(args.out)
     sweep = load_sweep(args.sweep)
+    cfg = load_config(args.config, args.set)
     if args.report_only:  # the trials have run: no data, no Ray cluster needed
-        study = report_study(load_config(args.config, args.set), sweep, args.out)
+        study = report_study(cfg, sweep, args.out)
     else:
-        study = run_study(ensure_data(load_config(args.config, args.set)), sweep, args.out,
-                          resume=args.resume)
+        study = run_study(ensure_data(cfg), sweep, args.out, resume=args.resume)
     print((Path(args.out) / "report.md").read_text())
     if study.get("unfinished"):
         print(f"{study['unfinished']} runs have not finished and are not in the report "

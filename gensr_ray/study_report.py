@@ -109,9 +109,8 @@ def _runs_csv(path: Path, sweep: Sweep, rows: list[dict], metrics: list[str]) ->
 
 def _summary_csv(path: Path, sweep: Sweep, summary: dict, comparisons: dict,
                  metrics: list[str]) -> None:
-    objective = sweep.metric.split("/")[0]
+    objective, protocol, metric = sweep.metric.split("/")
     scopes = [objective] + [t for t in TASKS if objective == "mean"]
-    _, protocol, metric = sweep.metric.split("/")
     head = ["trial", "seeds"] + [f"{m} {s}" for m in metrics for s in ("mean", "std")]
     head += [f"{sweep.metric} minus {sweep.reference}", "ci_low", "ci_high", "p"]
     for task in scopes[1:]:  # the tasks the objective averages, each paired on its own

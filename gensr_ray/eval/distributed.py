@@ -162,12 +162,10 @@ class DistributedGenSRScorer:
 
 
 def _unscored(blocks: list[pa.Table], scored: list[np.ndarray]) -> list[pa.Table]:
-    """The rows of `blocks` whose (request, position) is not marked in `scored`."""
+    """The rows of `blocks` (each a slice of one request) not marked in `scored`."""
     left = []
     for block in blocks:
-        request = block["request"].to_numpy()
-        keep = ~np.array([scored[r][p] for r, p in zip(request, block["position"].to_numpy())],
-                         dtype=bool)
+        keep = ~scored[block["request"][0].as_py()][block["position"].to_numpy()]
         if keep.any():
             left.append(block.filter(pa.array(keep)))
     return left
