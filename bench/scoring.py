@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500, help="rows per forward (batched)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one batched pass: busy device time against wall "
+                             "time, and the operators that take the most time")
     args = parser.parse_args()
     quiet()
     import numpy as np
@@ -44,7 +47,7 @@ def main() -> None:
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.config import GenSRConfig, apply_overrides
     from gensr_ray.data import contract
-    from gensr_ray.eval.gensr_scorer import _task_runs, score_candidates
+    from gensr_ray.eval.gensr_scorer import score_candidates, task_chunks
     from gensr_ray.inputs.build import build_features
     from gensr_ray.model.losses import answer_score
 
@@ -87,10 +90,9 @@ def main() -> None:
     # the input side alone (token ids, collation): a ceiling on every rate below
     start = time.perf_counter()
     per_call = max(1, args.batch_size // len(candidates[0]))
-    for lo, hi in _task_runs(ex["task"], per_call):
+    for rows in task_chunks(ex["task"], per_call):
         collate.groups([encoder.encode_group(ex["task"][i], list(ex["history"][i]),
-                                             ex["query"][i], candidates[i])
-                        for i in range(lo, hi)])
+                                             ex["query"][i], candidates[i]) for i in rows])
     rate = n * len(candidates[0]) / (time.perf_counter() - start)
     print(f"inputs : {rate:8.1f} candidates/s (encode_group + collate, no model)")
 
@@ -115,7 +117,31 @@ def main() -> None:
     print(f"backbone {args.backbone}, prompt {args.prompt}, {args.precision} on {where}, mean "
           f"shared prefix {prefix:.0f} tokens; max |score difference| {diff:.2e}")
     print(f"shared/full {results['shared_rate'] / results['full_rate']:.2f}")
+    if args.profile:
+        with torch.no_grad():
+            _profile(batched, full, n, args.device)
     print(f"ratio={results['batched_rate'] / results['full_rate']:.2f}")
+
+
+def _profile(batched, full, n: int, device: str) -> None:
+    """Where a pass's time goes: the device's kernel time against the wall time (a device
+    idle most of the wall is waiting on the host), and the top operators of each path."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    for name, run in (("batched", batched), ("full", lambda: [full(i) for i in range(n)])):
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            run()
+        wall = time.perf_counter() - start
+        events = prof.key_averages()
+        # kernel events only: an operator's own row repeats its kernels' time
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        print(f"profile {name}: wall {wall:.2f}s (profiler on), device kernels {busy:.2f}s")
+        print(events.table(sort_by=sort, row_limit=18, max_name_column_width=48))
 
 
 if __name__ == "__main__":

@@ -432,3 +432,39 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
                 assert not torch.allclose(model(_reversed_histories(batch))["logits"],
                                           model(batch)["logits"], atol=1e-4)
     torch.testing.assert_close(scores[True], scores[False])  # zero embeddings: the same model
+
+
+def test_scoring_batches_each_task_s_examples_when_the_tasks_alternate(tiny_data):
+    """score_candidates groups a batch's examples by task, so alternating tasks still fill the
+    forwards (one forward per example otherwise), and each example keeps its own scores."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
+    from gensr_ray.data import contract
+    from gensr_ray.eval.gensr_scorer import score_candidates
+    from gensr_ray.inputs.build import build_features
+
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+        "model.prompt": "title_text"})
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    model.eval()
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    test = contract.read_table(contract.examples_dir(tiny_data, "test")).to_pydict()
+    by_task = {t: [i for i, x in enumerate(test["task"]) if x == t] for t in ("search", "rec")}
+    order = [i for pair in zip(by_task["search"][:4], by_task["rec"][:4]) for i in pair]
+    assert len(order) == 8  # search, rec, search, rec, ...
+    batch = {k: [test[k][i] for i in order] for k in ("task", "history", "query")}
+    candidates = np.array([[test["target"][i]] + test["negatives"][i][:9] for i in order])
+
+    forwards = []
+
+    def forward(inputs):
+        forwards.append(len(inputs["target_item"]))
+        return model(inputs)
+
+    with torch.no_grad():
+        together = score_candidates(forward, "decoder", encoder, collate, batch, candidates,
+                                    batch_size=40, to_device=lambda b: b)
+        assert forwards == [40, 40]  # 4 examples x 10 candidates, one forward per task
+        one_by_one = score_candidates(model, "decoder", encoder, collate, batch, candidates,
+                                      batch_size=10, to_device=lambda b: b)
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)

@@ -56,12 +56,12 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
     if kind == "decoder":
         scores = np.empty(candidates.shape, dtype=np.float32)
         per_call = max(1, batch_size // max(1, candidates.shape[1]))
-        for lo, hi in _task_runs(batch["task"], per_call):
+        for rows in task_chunks(batch["task"], per_call):
             groups = [encoder.encode_group(batch["task"][i], list(batch["history"][i]),
                                            batch["query"][i], candidates[i].tolist())
-                      for i in range(lo, hi)]
+                      for i in rows]
             logits = forward(to_device(collate.groups(groups)))["logits"]
-            scores[lo:hi] = answer_score(logits).float().cpu().numpy().reshape(hi - lo, -1)
+            scores[rows] = answer_score(logits).float().cpu().numpy().reshape(len(rows), -1)
         return scores
     rows = encoder.encode(batch, candidates=candidates)
     scores = []
@@ -72,15 +72,15 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
     return np.concatenate(scores).reshape(candidates.shape)
 
 
-def _task_runs(tasks, size: int):
-    """(lo, hi) slices of at most `size` consecutive examples of one task."""
-    lo = 0
-    while lo < len(tasks):
-        hi = lo + 1
-        while hi < len(tasks) and hi - lo < size and tasks[hi] == tasks[lo]:
-            hi += 1
-        yield lo, hi
-        lo = hi
+def task_chunks(tasks, size: int):
+    """Index arrays of at most `size` examples of one task, each task's examples in order, the
+    tasks in order of first appearance. Grouping by task rather than by consecutive runs keeps
+    the forwards full when the tasks of a batch alternate (one forward per example otherwise)."""
+    tasks = np.asarray(tasks, dtype=object)
+    for task in dict.fromkeys(tasks.tolist()):
+        rows = np.flatnonzero(tasks == task)
+        for lo in range(0, rows.size, size):
+            yield rows[lo:lo + size]
 
 
 def rerank(first_stage: dict, depth: int, score, batch: dict, k: int,
