@@ -158,10 +158,23 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
+    from gensr_ray.config import ConfigError
     from gensr_ray.train.conflict import format_table
     from gensr_ray.train.diagnose import run_diagnosis
 
+    if (args.checkpoint is None) == (args.study is None):
+        raise ConfigError("gensr diagnose: give either --checkpoint (one run) or --study "
+                          "(every run of a gensr tune study)")
     started = time.perf_counter()
+    if args.study is not None:
+        from gensr_ray.train.conflict_study import diagnose_study, format_study_table
+
+        result = diagnose_study(args.study, args.out, args.batches, args.examples, args.seed,
+                                args.workers, args.which)
+        print(format_study_table(result["trials"]))
+        print(f"conflict_study.json, .md and .png written to {args.out} "
+              f"({time.perf_counter() - started:.1f}s)")
+        return
     summary = run_diagnosis(args.checkpoint, args.out, args.batches, args.examples, args.seed,
                             args.workers, args.which)
     print(format_table(summary))
@@ -367,10 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("diagnose", help="gradient conflict between search and "
-                                        "recommendation of a checkpoint")
-    _checkpoint_arguments(p, required=True)
+                                        "recommendation of a checkpoint or of a whole study")
+    _checkpoint_arguments(p, required=False)
+    p.add_argument("--study", type=Path, default=None,
+                   help="a gensr tune --out directory: diagnose every run of it, and compare "
+                        "the trials over their seeds (instead of --checkpoint)")
     p.add_argument("--out", type=Path, required=True,
-                   help="directory for conflict.json and conflict.png")
+                   help="directory for conflict.json and conflict.png (with --study: one "
+                        "folder per run, and conflict_study.json, .md and .png)")
     p.add_argument("--batches", type=int, default=8, help="seeded batches (default 8)")
     p.add_argument("--examples", type=int, default=16,
                    help="training examples of each task per batch (default 16)")

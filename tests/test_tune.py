@@ -4,6 +4,7 @@ one of them on its validation during training, one report."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from gensr_ray.cli import main
 from gensr_ray.config import ConfigError, apply_overrides, load_config
 from gensr_ray.eval.paired import per_example
 from gensr_ray.study import load_sweep, report_study, run_study
@@ -107,6 +109,20 @@ def test_a_resumed_study_runs_only_the_trials_that_did_not_finish(ray_cluster, t
     assert "error" not in rows["later"] and math.isfinite(rows["later"]["rec/sampled/NDCG@10"])
     assert next(experiment.glob("*here*/result.json")).read_text() == here_results
     assert "| later |" in (tmp_path / "study" / "report.md").read_text()
+
+    # the finished study's runs diagnosed one by one and compared per trial
+    assert main(["diagnose", "--study", str(tmp_path / "study"), "--out",
+                 str(tmp_path / "conflict"), "--batches", "1", "--examples", "2"]) == 0
+    compared = json.loads((tmp_path / "conflict" / "conflict_study.json").read_text())
+    assert list(compared["trials"]) == ["here", "later"]  # the sweep's order
+    for name, trial in compared["trials"].items():
+        run = json.loads((tmp_path / "conflict" / name / "conflict.json").read_text())
+        assert trial["overall"]["mean"] == pytest.approx(run["overall"]["mean"])
+        assert trial["quality"]["rec/sampled/NDCG@10"]["mean"] == pytest.approx(
+            rows[name]["rec/sampled/NDCG@10"], abs=1e-4)
+    table = (tmp_path / "conflict" / "conflict_study.md").read_text()
+    assert table.startswith("| trial | runs | search NDCG@10 | rec NDCG@10 | cosine, all shared")
+    assert (tmp_path / "conflict" / "conflict_study.png").stat().st_size > 0
 
     sweep_file.write_text(yaml.safe_dump({"metric": "mean/sampled/NDCG@10", "mode": "max",
                                           "trials": {"here": {}, "other": {}}}))

@@ -1,0 +1,160 @@
+"""`gensr diagnose --study DIR`: the gradient conflict of every run of a `gensr tune` study,
+side by side with the study's quality figures.
+
+Each run (a trial, once per seed) is diagnosed as `gensr diagnose --checkpoint` would, on the
+same seeded batches, into <out>/<trial>-s<seed>/. The per-run means are then summarised per
+trial over its seeds (mean and standard deviation): the cosine over all shared parameters,
+per module kind and per backbone layer, written to <out>/conflict_study.json, a markdown table
+(conflict_study.md, with the study's validation NDCG@10 per task when its report is there)
+and a plot of the cosine per layer, one line per trial (conflict_study.png).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gensr_ray.config import ConfigError
+from gensr_ray.train.diagnose import run_diagnosis
+
+QUALITY = ("search/sampled/NDCG@10", "rec/sampled/NDCG@10")
+
+
+def study_runs(study: Path) -> list[dict]:
+    """The study's finished runs: {"trial", "seed", "run"}, in the order of its report (the
+    sweep's order), else by trial name; seeds ascending."""
+    runs = []
+    for params in sorted(Path(study).glob("tune/*/*/params.json")):
+        config = json.loads(params.read_text())
+        run = params.parent / "run"
+        if "trial" in config and (run / "train_summary.json").is_file():
+            runs.append({"trial": config["trial"], "seed": config.get("seed"), "run": run})
+    if not runs:
+        raise ConfigError(f"{study}: no finished runs of a `gensr tune` study there (looked for "
+                          "tune/<sweep>/<trial>/params.json beside a run/ with "
+                          "train_summary.json)")
+    order = _report_order(Path(study))
+    runs.sort(key=lambda r: (order.get(r["trial"], len(order)), r["trial"], r["seed"] or 0))
+    return runs
+
+
+def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: int = 0,
+                   workers: int | None = None, which: str = "best") -> dict:
+    """Diagnose every run of `study` into `out`; returns the per-trial summary."""
+    runs = study_runs(study)
+    out = Path(out)
+    per_run = []
+    for run in runs:
+        name = run["trial"] + ("" if run["seed"] is None else f"-s{run['seed']}")
+        summary = run_diagnosis(str(run["run"]), out / name, batches, per_task, seed, workers,
+                                which)
+        per_run.append({**run, "run": str(run["run"]), "summary": summary})
+    trials = summarize_runs(per_run, _quality(Path(study)))
+    result = {"study": str(study), "batches": batches, "examples_per_task": per_task,
+              "seed": seed, "trials": trials}
+    (out / "conflict_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "conflict_study.md").write_text(format_study_table(trials) + "\n")
+    plot_study(trials, out / "conflict_study.png")
+    return result
+
+
+def summarize_runs(per_run: list[dict], quality: dict | None = None) -> dict:
+    """{trial: {"seeds", "overall", "by_kind", "by_layer", "task_only_params", quality}}: each
+    figure the mean and standard deviation over the trial's runs of the runs' batch means."""
+    def stats(values: list) -> dict:
+        kept = [v for v in values if v is not None]
+        return {"mean": float(np.mean(kept)) if kept else None,
+                "std": float(np.std(kept)) if len(kept) > 1 else None, "runs": len(kept)}
+
+    trials: dict[str, dict] = {}
+    for trial in dict.fromkeys(r["trial"] for r in per_run):
+        summaries = [r["summary"] for r in per_run if r["trial"] == trial]
+        kinds = list(dict.fromkeys(k for s in summaries for k in s["by_kind"]))
+        layers = sorted({int(k) for s in summaries for k in s["by_layer"]})
+        trials[trial] = {
+            "seeds": [r["seed"] for r in per_run if r["trial"] == trial],
+            "overall": stats([s["overall"]["mean"] for s in summaries]),
+            "by_kind": {k: stats([s["by_kind"].get(k, {}).get("mean") for s in summaries])
+                        for k in kinds},
+            "by_layer": {str(layer): stats([s["by_layer"].get(str(layer), {}).get("mean")
+                                            for s in summaries]) for layer in layers},
+            "task_only_params": sum(e["params"] for e in summaries[0]["task_only"].values()),
+            **({"quality": quality[trial]} if quality and trial in quality else {}),
+        }
+    return trials
+
+
+def format_study_table(trials: dict) -> str:
+    """Markdown: per trial, quality (when known) and the cosine overall and per module kind."""
+    kinds = list(dict.fromkeys(k for t in trials.values() for k in t["by_kind"]))
+    with_quality = any("quality" in t for t in trials.values())
+
+    def cell(s: dict | None) -> str:
+        if not s or s["mean"] is None:
+            return "-"
+        return f"{s['mean']:+.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+
+    head = ["trial", "runs"] + (["search NDCG@10", "rec NDCG@10"] if with_quality else []) \
+        + ["cosine, all shared"] + kinds + ["one-task params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, t in trials.items():
+        row = [name, str(len(t["seeds"]))]
+        if with_quality:
+            q = t.get("quality", {})
+            row += [cell(q.get(metric)) for metric in QUALITY]
+        row += [cell(t["overall"])] + [cell(t["by_kind"].get(k)) for k in kinds]
+        row.append(f"{t['task_only_params']:,d}" if t["task_only_params"] else "0")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_study(trials: dict, path: Path) -> None:
+    """Cosine per backbone layer, one line per trial (mean ± std over its seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for offset, (name, t) in enumerate(trials.items()):
+        layers = [(int(k), s) for k, s in t["by_layer"].items() if s["mean"] is not None]
+        if not layers:
+            continue
+        shift = 0.06 * (offset - (len(trials) - 1) / 2)  # error bars side by side
+        ax.errorbar([k + shift for k, _ in layers], [s["mean"] for _, s in layers],
+                    yerr=[s["std"] or 0.0 for _, s in layers], marker="o", capsize=3,
+                    label=f"{name} (all shared {t['overall']['mean']:+.3f})")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("backbone layer")
+    ax.set_ylabel("cos(grad search, grad rec)")
+    ax.set_title("gradient conflict per layer, mean ± std over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report_order(study: Path) -> dict[str, int]:
+    rows = _summary_rows(study)
+    return {row["trial"]: i for i, row in enumerate(rows)}
+
+
+def _quality(study: Path) -> dict:
+    """{trial: {metric: {"mean", "std"}}} from the study's report_summary.csv, if any."""
+    out = {}
+    for row in _summary_rows(study):
+        out[row["trial"]] = {m: {"mean": float(row[f"{m} mean"]),
+                                 "std": float(row[f"{m} std"]) if row.get(f"{m} std") else None}
+                             for m in QUALITY if row.get(f"{m} mean")}
+    return out
+
+
+def _summary_rows(study: Path) -> list[dict]:
+    path = study / "report_summary.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
