@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one batched pass: busy device time against wall "
-                             "time, and the operators that take the most time")
+                        help="also profile one pass of the batched and of the full path: "
+                             "device kernel time against wall time (GPU), and the operators "
+                             "that take the most time")
     args = parser.parse_args()
     quiet()
     import numpy as np
@@ -130,7 +131,7 @@ def _profile(batched, full, n: int, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    sort = "device_time_total" if device == "cuda" else "cpu_time_total"
     for name, run in (("batched", batched), ("full", lambda: [full(i) for i in range(n)])):
         start = time.perf_counter()
         with profile(activities=activities) as prof:
@@ -140,7 +141,8 @@ def _profile(batched, full, n: int, device: str) -> None:
         # kernel events only: an operator's own row repeats its kernels' time
         busy = sum(e.self_device_time_total for e in events
                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-        print(f"profile {name}: wall {wall:.2f}s (profiler on), device kernels {busy:.2f}s")
+        kernels = f", device kernels {busy:.2f}s" if device == "cuda" else ""
+        print(f"profile {name}: wall {wall:.2f}s (profiler on){kernels}")
         print(events.table(sort_by=sort, row_limit=18, max_name_column_width=48))
 
 

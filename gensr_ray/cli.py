@@ -163,8 +163,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     from gensr_ray.train.diagnose import run_diagnosis
 
     if (args.checkpoint is None) == (args.study is None):
-        raise ConfigError("gensr diagnose: give either --checkpoint (one run) or --study "
-                          "(every run of a gensr tune study)")
+        raise ConfigError("give either --checkpoint (one run) or --study (every run of a "
+                          "gensr tune study)")
     started = time.perf_counter()
     if args.study is not None:
         from gensr_ray.train.conflict_study import diagnose_study, format_study_table

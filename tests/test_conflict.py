@@ -153,3 +153,59 @@ def test_the_discriminative_twin_is_evaluated_and_diagnosed_like_gensr(ray_clust
                             per_task=4)
     assert summary["task_only"]["heads"]["params"] == 2  # weight and bias, one row per task
     assert summary["overall"]["mean"] is not None
+
+
+def _run_summary(overall: float, layers: dict[str, float], search_only: int = 0) -> dict:
+    """A run's conflict.json as run_diagnosis writes it (the fields the comparison reads)."""
+    def s(v):
+        return {"mean": v, "std": 0.1, "batches": 8}
+
+    return {"overall": s(overall), "by_kind": {"attention": s(overall / 2)},
+            "by_layer": {k: s(v) for k, v in layers.items()}, "examples_per_task": 16,
+            "workers": 2, "batches": 8, "seed": 0,
+            "task_only": {"search": {"params": search_only, "norm": 1.0}} if search_only else {}}
+
+
+def test_a_study_s_runs_are_compared_per_trial_over_seeds(tmp_path):
+    """study_runs finds a study's finished runs in its report's (the sweep's) order, not by
+    name; summarize_runs gives each trial the mean and sample std over its seeds; a metric
+    the report lacks (nan) is left out; runs of two sweeps in one directory are refused."""
+    from gensr_ray.config import ConfigError
+    from gensr_ray.train.conflict_study import (_quality, format_study_table, study_runs,
+                                                summarize_runs)
+
+    study = tmp_path / "study"
+    for trial, seed in [("alpha", 1), ("zeta", 2), ("zeta", 1), ("alpha", 2), ("broken", 1)]:
+        trial_dir = study / "tune" / "sweep" / f"run_trial_{trial}_{seed}"
+        (trial_dir / "run").mkdir(parents=True)
+        (trial_dir / "params.json").write_text(json.dumps({"trial": trial, "seed": seed}))
+        if trial != "broken":  # an errored run leaves no summary
+            (trial_dir / "run" / "train_summary.json").write_text("{}")
+    (study / "report_summary.csv").write_text(
+        "trial,seeds,search/sampled/NDCG@10 mean,search/sampled/NDCG@10 std,"
+        "rec/sampled/NDCG@10 mean,rec/sampled/NDCG@10 std\n"
+        "zeta,2,0.40,0.02,nan,nan\nalpha,2,0.35,0.01,0.30,0.03\n")
+    runs = study_runs(study)
+    assert [(r["trial"], r["seed"]) for r in runs] == [("zeta", 1), ("zeta", 2), ("alpha", 1),
+                                                       ("alpha", 2)]
+    figures = {("zeta", 1): (0.2, {"0": 0.1, "1": 0.3}), ("zeta", 2): (0.4, {"0": 0.3}),
+               ("alpha", 1): (-0.1, {"0": 0.0, "1": 0.0}), ("alpha", 2): (0.1, {"0": 0.2})}
+    per_run = [{**r, "summary": _run_summary(*figures[(r["trial"], r["seed"])],
+                                             search_only=5 if r["trial"] == "alpha" else 0)}
+               for r in runs]
+    trials = summarize_runs(per_run, _quality(study))
+    assert list(trials) == ["zeta", "alpha"]
+    assert trials["zeta"]["overall"]["mean"] == pytest.approx(0.3)
+    assert trials["zeta"]["overall"]["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert trials["zeta"]["by_layer"]["1"] == {"mean": pytest.approx(0.3), "std": None,
+                                               "runs": 1}  # layer 1 measured in one run
+    assert trials["alpha"]["by_kind"]["attention"]["mean"] == pytest.approx(0.0)
+    assert trials["alpha"]["task_only_params"] == 5
+    assert set(trials["zeta"]["quality"]) == {"search/sampled/NDCG@10"}  # rec was nan
+    table = format_study_table(trials).splitlines()
+    assert table[2].startswith("| zeta | 2 | +0.400 ± 0.020 | - | +0.300 ± 0.141 |")
+    assert table[3].endswith("| 5 |")
+
+    (study / "tune" / "other").mkdir()
+    with pytest.raises(ConfigError, match="several sweeps"):
+        study_runs(study)

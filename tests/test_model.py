@@ -465,6 +465,22 @@ def test_scoring_batches_each_task_s_examples_when_the_tasks_alternate(tiny_data
         together = score_candidates(forward, "decoder", encoder, collate, batch, candidates,
                                     batch_size=40, to_device=lambda b: b)
         assert forwards == [40, 40]  # 4 examples x 10 candidates, one forward per task
-        one_by_one = score_candidates(model, "decoder", encoder, collate, batch, candidates,
-                                      batch_size=10, to_device=lambda b: b)
-    np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
+        # each example alone, without score_candidates: its row must hold its own scores
+        for row, i in enumerate(order):
+            group = encoder.encode_group(test["task"][i], test["history"][i], test["query"][i],
+                                         candidates[row].tolist())
+            alone = answer_score(model.score_group(collate.group(group))).numpy()
+            np.testing.assert_allclose(together[row], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_task_chunks_take_the_tasks_in_a_fixed_order_whatever_comes_first():
+    from gensr_ray.eval.gensr_scorer import task_chunks
+
+    def chunks(tasks, size):
+        return [c.tolist() for c in task_chunks(tasks, size)]
+
+    # search first, each task's examples in order, split at `size`
+    assert chunks(["rec", "search", "search", "rec", "search"], 2) == [[1, 2], [4], [0, 3]]
+    assert chunks(["search", "rec", "search", "rec", "search"], 2) == [[0, 2], [4], [1, 3]]
+    assert chunks(["rec", "rec"], 5) == [[0, 1]]
+    assert chunks([], 3) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gensr_ray.data.contract import TASKS
 from gensr_ray.eval.harness import order_pool
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.losses import answer_score
@@ -50,9 +51,10 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
     Decoder-only backbones: per example, the shared prefix's KV cache and the history
     encodings are computed once for all its candidates (bench/scoring.py measures the gain),
     for batch_size // c examples of a task per forward. Others: one full prompt per
-    (example, candidate) row, `batch_size` rows per forward. Either way the number of
-    forwards depends only on the examples' tasks and counts, which keeps ZeRO-3 ranks in
-    step."""
+    (example, candidate) row, `batch_size` rows per forward. Either way the forwards and
+    their order depend only on how many examples of each task the batch holds (decoders:
+    sum over tasks of ceil(n_task / (batch_size // c)), search first), which keeps ZeRO-3
+    ranks with equal shares of each task in step."""
     if kind == "decoder":
         scores = np.empty(candidates.shape, dtype=np.float32)
         per_call = max(1, batch_size // max(1, candidates.shape[1]))
@@ -74,10 +76,13 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
 
 def task_chunks(tasks, size: int):
     """Index arrays of at most `size` examples of one task, each task's examples in order, the
-    tasks in order of first appearance. Grouping by task rather than by consecutive runs keeps
-    the forwards full when the tasks of a batch alternate (one forward per example otherwise)."""
+    tasks in a fixed order (contract.TASKS, then any other sorted): grouping by task rather
+    than by consecutive runs keeps the forwards full when a batch's tasks alternate (one
+    forward per example otherwise), and the fixed order has every ZeRO-3 rank switch task
+    adapters at the same forward, whichever task its share starts with."""
     tasks = np.asarray(tasks, dtype=object)
-    for task in dict.fromkeys(tasks.tolist()):
+    present = set(tasks.tolist())
+    for task in [t for t in TASKS if t in present] + sorted(present - set(TASKS)):
         rows = np.flatnonzero(tasks == task)
         for lo in range(0, rows.size, size):
             yield rows[lo:lo + size]

@@ -2,8 +2,10 @@
 side by side with the study's quality figures.
 
 Each run (a trial, once per seed) is diagnosed as `gensr diagnose --checkpoint` would, on the
-same seeded batches, into <out>/<trial>-s<seed>/. The per-run means are then summarised per
-trial over its seeds (mean and standard deviation): the cosine over all shared parameters,
+same seeded batches, into <out>/<trial>-s<seed>/ (<out>/<trial>/ without seeds); a run whose
+folder already holds a diagnosis with the same settings is not measured again, so an
+interrupted comparison picks up where it stopped. The per-run means are then summarised per
+trial over its seeds (mean and sample standard deviation): the cosine over all shared parameters,
 per module kind and per backbone layer, written to <out>/conflict_study.json, a markdown table
 (conflict_study.md, with the study's validation NDCG@10 per task when its report is there)
 and a plot of the cosine per layer, one line per trial (conflict_study.png).
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +25,17 @@ from gensr_ray.config import ConfigError
 from gensr_ray.train.diagnose import run_diagnosis
 
 QUALITY = ("search/sampled/NDCG@10", "rec/sampled/NDCG@10")
+log = logging.getLogger(__name__)
 
 
 def study_runs(study: Path) -> list[dict]:
     """The study's finished runs: {"trial", "seed", "run"}, in the order of its report (the
     sweep's order), else by trial name; seeds ascending."""
+    sweeps = sorted(p.name for p in Path(study).glob("tune/*") if p.is_dir())
+    if len(sweeps) > 1:
+        raise ConfigError(f"{study}: holds the runs of several sweeps ({', '.join(sweeps)}); "
+                          "its report describes only the last, so compare one study per "
+                          "--out directory")
     runs = []
     for params in sorted(Path(study).glob("tune/*/*/params.json")):
         config = json.loads(params.read_text())
@@ -49,11 +59,16 @@ def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: in
     per_run = []
     for run in runs:
         name = run["trial"] + ("" if run["seed"] is None else f"-s{run['seed']}")
-        summary = run_diagnosis(str(run["run"]), out / name, batches, per_task, seed, workers,
-                                which)
+        summary = _earlier(out / name / "conflict.json", batches, per_task, seed)
+        if summary is None:
+            summary = run_diagnosis(str(run["run"]), out / name, batches, per_task, seed,
+                                    workers, which)
+        else:
+            log.info("%s: diagnosed before with the same settings, kept", out / name)
         per_run.append({**run, "run": str(run["run"]), "summary": summary})
     trials = summarize_runs(per_run, _quality(Path(study)))
-    result = {"study": str(study), "batches": batches, "examples_per_task": per_task,
+    result = {"study": str(study), "batches": batches,
+              "examples_per_task": sorted({r["summary"]["examples_per_task"] for r in per_run}),
               "seed": seed, "trials": trials}
     (out / "conflict_study.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "conflict_study.md").write_text(format_study_table(trials) + "\n")
@@ -64,10 +79,11 @@ def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: in
 def summarize_runs(per_run: list[dict], quality: dict | None = None) -> dict:
     """{trial: {"seeds", "overall", "by_kind", "by_layer", "task_only_params", quality}}: each
     figure the mean and standard deviation over the trial's runs of the runs' batch means."""
-    def stats(values: list) -> dict:
+    def stats(values: list) -> dict:  # the sample std, as the study's report gives it
         kept = [v for v in values if v is not None]
         return {"mean": float(np.mean(kept)) if kept else None,
-                "std": float(np.std(kept)) if len(kept) > 1 else None, "runs": len(kept)}
+                "std": float(np.std(kept, ddof=1)) if len(kept) > 1 else None,
+                "runs": len(kept)}
 
     trials: dict[str, dict] = {}
     for trial in dict.fromkeys(r["trial"] for r in per_run):
@@ -121,7 +137,7 @@ def plot_study(trials: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for offset, (name, t) in enumerate(trials.items()):
         layers = [(int(k), s) for k, s in t["by_layer"].items() if s["mean"] is not None]
-        if not layers:
+        if not layers or t["overall"]["mean"] is None:
             continue
         shift = 0.06 * (offset - (len(trials) - 1) / 2)  # error bars side by side
         ax.errorbar([k + shift for k, _ in layers], [s["mean"] for _, s in layers],
@@ -143,13 +159,34 @@ def _report_order(study: Path) -> dict[str, int]:
 
 
 def _quality(study: Path) -> dict:
-    """{trial: {metric: {"mean", "std"}}} from the study's report_summary.csv, if any."""
+    """{trial: {metric: {"mean", "std"}}} from the study's report_summary.csv, if any; a
+    metric the report lacks for a trial (empty or nan) is left out, a std of one seed is None."""
     out = {}
     for row in _summary_rows(study):
-        out[row["trial"]] = {m: {"mean": float(row[f"{m} mean"]),
-                                 "std": float(row[f"{m} std"]) if row.get(f"{m} std") else None}
-                             for m in QUALITY if row.get(f"{m} mean")}
+        one_seed = _number(row.get("seeds")) in (None, 0.0, 1.0)
+        out[row["trial"]] = {
+            m: {"mean": _number(row.get(f"{m} mean")),
+                "std": None if one_seed else _number(row.get(f"{m} std"))}
+            for m in QUALITY if _number(row.get(f"{m} mean")) is not None}
     return out
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _earlier(path: Path, batches: int, per_task: int, seed: int) -> dict | None:
+    """A run's diagnosis already written with these settings, else None."""
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    same = (summary.get("batches") == batches and summary.get("seed") == seed
+            and summary.get("examples_per_task") == per_task - per_task % summary["workers"])
+    return summary if same else None
 
 
 def _summary_rows(study: Path) -> list[dict]:

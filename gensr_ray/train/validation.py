@@ -3,8 +3,9 @@
 rank holds the same metrics and takes the same early-stopping decision.
 
 Under ZeRO-3 a forward gathers the partitioned weights collectively, so every rank must run
-the same forwards: shares are padded to equal length (padding counts with weight 0), and
-scoring runs a fixed number of forwards per example (`score_candidates`).
+the same forwards: shares are padded to equal length (padding counts with weight 0), each
+task scored apart, and `score_candidates` runs the same forwards for the same number of
+examples of a task.
 """
 
 from __future__ import annotations
