@@ -39,6 +39,10 @@ def configure(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+_RAY_DATA_NOTICES = ("Progress bars disabled",
+                     "Specifying both num_cpus and num_gpus for map tasks is experimental")
+
+
 def verbose() -> bool:
     """-v was given: workers' output reaches the driver's console too."""
     return _verbose
@@ -46,8 +50,10 @@ def verbose() -> bool:
 
 def quiet_ray_data() -> None:
     """Ray Data configures its own loggers on import (a file in the session's logs and the
-    console, both at INFO): its console handler keeps warnings only, less its notice that
-    the progress bars this project replaces are off."""
+    console, both at INFO): its console handler keeps warnings only, less two notices: that
+    the progress bars this project replaces are off, and that a GPU scoring pool asks for
+    CPUs too (it does on purpose: its actors build their inputs on the CPU; Ray 2.60 calls
+    that experimental, ray-project/ray#47995)."""
     if _verbose:
         return
     import ray.data  # noqa: F401 - the import sets up the handlers changed here
@@ -55,4 +61,5 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":  # the console; files keep INFO
             handler.setLevel(logging.WARNING)
-            handler.addFilter(lambda record: "Progress bars disabled" not in record.getMessage())
+            handler.addFilter(lambda record: not any(
+                notice in record.getMessage() for notice in _RAY_DATA_NOTICES))

@@ -51,6 +51,23 @@ def test_the_libraries_notices_are_hidden_and_the_drivers_lines_kept():
     assert "is illegal" not in err and "tune chatter" not in err
 
 
+def test_ray_data_s_console_keeps_its_warnings_less_two_notices():
+    """Ray Data's own console handler: a GPU scoring pool's num_cpus + num_gpus notice and the
+    progress-bar notice are hidden, its other warnings kept."""
+    code = ("import logging; from gensr_ray import console; console.configure(False); "
+            "console.quiet_ray_data(); "
+            "log = logging.getLogger('ray.data._internal.execution.operators.map_operator'); "
+            "log.warning('Specifying both num_cpus and num_gpus for map tasks is experimental, "
+            "and may result in scheduling or stability issues.'); "
+            "log.warning('Progress bars disabled. To enable, set ...'); "
+            "log.warning('a real Ray Data warning')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    printed = run.stdout + run.stderr
+    assert "a real Ray Data warning" in printed
+    assert "num_cpus and num_gpus" not in printed and "Progress bars disabled" not in printed
+
+
 def test_describe_leaves_out_what_a_report_lacks():
     assert describe({"step": 3, "loss": 0.25}, None) == "loss 0.2500"
     assert describe({"step": 3, "rows_per_s": 9.6}, ("val/rec/HR@10", 0.5, 2)) == \
