@@ -170,7 +170,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         from gensr_ray.train.conflict_study import diagnose_study, format_study_table
 
         result = diagnose_study(args.study, args.out, args.batches, args.examples, args.seed,
-                                args.workers, args.which)
+                                args.workers, args.which, args.reference)
         print(format_study_table(result["trials"]))
         print(f"conflict_study.json, .md and .png written to {args.out} "
               f"({time.perf_counter() - started:.1f}s)")
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", type=Path, default=None,
                    help="a gensr tune --out directory: diagnose every run of it, and compare "
                         "the trials over their seeds (instead of --checkpoint)")
+    p.add_argument("--reference", default=None,
+                   help="with --study: the trial the others' cosine is compared with "
+                        "(default: the study's first, e.g. the discriminative twin)")
     p.add_argument("--out", type=Path, required=True,
                    help="directory for conflict.json and conflict.png (with --study: one "
                         "folder per run, and conflict_study.json, .md and .png)")

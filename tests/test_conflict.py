@@ -156,11 +156,13 @@ def test_the_discriminative_twin_is_evaluated_and_diagnosed_like_gensr(ray_clust
 
 
 def _run_summary(overall: float, layers: dict[str, float], search_only: int = 0) -> dict:
-    """A run's conflict.json as run_diagnosis writes it (the fields the comparison reads)."""
+    """A run's conflict.json as run_diagnosis writes it (the fields the comparison reads):
+    two batches whose cosines average to `overall`."""
     def s(v):
-        return {"mean": v, "std": 0.1, "batches": 8}
+        return {"mean": v, "std": 0.1, "batches": 2}
 
-    return {"overall": s(overall), "by_kind": {"attention": s(overall / 2)},
+    return {"overall": {**s(overall), "per_batch": [overall - 0.05, overall + 0.05]},
+            "by_kind": {"attention": s(overall / 2)},
             "by_layer": {k: s(v) for k, v in layers.items()}, "examples_per_task": 16,
             "workers": 2, "batches": 8, "seed": 0,
             "task_only": {"search": {"params": search_only, "norm": 1.0}} if search_only else {}}
@@ -171,8 +173,8 @@ def test_a_study_s_runs_are_compared_per_trial_over_seeds(tmp_path):
     name; summarize_runs gives each trial the mean and sample std over its seeds; a metric
     the report lacks (nan) is left out; runs of two sweeps in one directory are refused."""
     from gensr_ray.config import ConfigError
-    from gensr_ray.train.conflict_study import (_quality, format_study_table, study_runs,
-                                                summarize_runs)
+    from gensr_ray.train.conflict_study import (_quality, compare_with, format_study_table,
+                                                study_runs, summarize_runs)
 
     study = tmp_path / "study"
     for trial, seed in [("alpha", 1), ("zeta", 2), ("zeta", 1), ("alpha", 2), ("broken", 1)]:
@@ -200,11 +202,18 @@ def test_a_study_s_runs_are_compared_per_trial_over_seeds(tmp_path):
     assert trials["zeta"]["by_layer"]["1"] == {"mean": pytest.approx(0.3), "std": None,
                                                "runs": 1}  # layer 1 measured in one run
     assert trials["alpha"]["by_kind"]["attention"]["mean"] == pytest.approx(0.0)
-    assert trials["alpha"]["task_only_params"] == 5
+    assert trials["alpha"]["task_only_tensors"] == 5
     assert set(trials["zeta"]["quality"]) == {"search/sampled/NDCG@10"}  # rec was nan
+    # alpha against zeta, paired by seed and batch: seed 1 -0.3, seed 2 -0.3
+    compare_with(trials, per_run, "zeta")
+    versus = trials["alpha"]["vs_reference"]
+    assert versus["difference"] == pytest.approx(-0.3) and versus["seeds"] == 2
+    assert versus["high"] == pytest.approx(-0.3) and versus["p"] < 0.01
     table = format_study_table(trials).splitlines()
-    assert table[2].startswith("| zeta | 2 | +0.400 ± 0.020 | - | +0.300 ± 0.141 |")
-    assert table[3].endswith("| 5 |")
+    assert table[0].startswith("| trial | runs | search NDCG@10 | rec NDCG@10 | cosine, all "
+                               "shared | vs zeta | attention |")
+    assert table[2].startswith("| zeta | 2 | 0.400 ± 0.020 | - | +0.300 ± 0.141 | reference |")
+    assert "| -0.300 [-0.300, -0.300] p=0.00 |" in table[3] and table[3].endswith("| 5 |")
 
     (study / "tune" / "other").mkdir()
     with pytest.raises(ConfigError, match="several sweeps"):

@@ -8,7 +8,10 @@ interrupted comparison picks up where it stopped. The per-run means are then sum
 trial over its seeds (mean and sample standard deviation): the cosine over all shared parameters,
 per module kind and per backbone layer, written to <out>/conflict_study.json, a markdown table
 (conflict_study.md, with the study's validation NDCG@10 per task when its report is there)
-and a plot of the cosine per layer, one line per trial (conflict_study.png).
+and a plot of the cosine per layer, one line per trial (conflict_study.png). Each trial's
+cosine over all shared parameters is compared with a reference trial's (the first, or
+--reference) on the same seeded batches, runs paired by seed: the mean difference, a
+bootstrap interval over seeds and batches, and a p-value (gensr_ray.eval.paired).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gensr_ray.config import ConfigError
+from gensr_ray.eval.paired import paired_bootstrap
 from gensr_ray.train.diagnose import run_diagnosis
 
 QUALITY = ("search/sampled/NDCG@10", "rec/sampled/NDCG@10")
@@ -52,9 +56,14 @@ def study_runs(study: Path) -> list[dict]:
 
 
 def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: int = 0,
-                   workers: int | None = None, which: str = "best") -> dict:
+                   workers: int | None = None, which: str = "best",
+                   reference: str | None = None) -> dict:
     """Diagnose every run of `study` into `out`; returns the per-trial summary."""
     runs = study_runs(study)
+    names = list(dict.fromkeys(r["trial"] for r in runs))
+    if reference is not None and reference not in names:
+        raise ConfigError(f"--reference {reference!r}: no finished runs of that trial in "
+                          f"{study} (trials: {', '.join(names)})")
     out = Path(out)
     per_run = []
     for run in runs:
@@ -67,6 +76,7 @@ def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: in
             log.info("%s: diagnosed before with the same settings, kept", out / name)
         per_run.append({**run, "run": str(run["run"]), "summary": summary})
     trials = summarize_runs(per_run, _quality(Path(study)))
+    compare_with(trials, per_run, reference or names[0])
     result = {"study": str(study), "batches": batches,
               "examples_per_task": sorted({r["summary"]["examples_per_task"] for r in per_run}),
               "seed": seed, "trials": trials}
@@ -77,7 +87,7 @@ def diagnose_study(study: Path, out: Path, batches: int, per_task: int, seed: in
 
 
 def summarize_runs(per_run: list[dict], quality: dict | None = None) -> dict:
-    """{trial: {"seeds", "overall", "by_kind", "by_layer", "task_only_params", quality}}: each
+    """{trial: {"seeds", "overall", "by_kind", "by_layer", "task_only_tensors", quality}}: each
     figure the mean and standard deviation over the trial's runs of the runs' batch means."""
     def stats(values: list) -> dict:  # the sample std, as the study's report gives it
         kept = [v for v in values if v is not None]
@@ -97,32 +107,69 @@ def summarize_runs(per_run: list[dict], quality: dict | None = None) -> dict:
                         for k in kinds},
             "by_layer": {str(layer): stats([s["by_layer"].get(str(layer), {}).get("mean")
                                             for s in summaries]) for layer in layers},
-            "task_only_params": sum(e["params"] for e in summaries[0]["task_only"].values()),
+            "task_only_tensors": sum(e["params"] for e in summaries[0]["task_only"].values()),
             **({"quality": quality[trial]} if quality and trial in quality else {}),
         }
     return trials
+
+
+def compare_with(trials: dict, per_run: list[dict], reference: str) -> None:
+    """Add to every other trial "vs_reference": its overall cosine minus the reference's on
+    the same batches, runs paired by seed (the seeds both have; batches where either side
+    has no cosine left out)."""
+    def batches(trial: str) -> dict:
+        return {r["seed"]: r["summary"]["overall"]["per_batch"] for r in per_run
+                if r["trial"] == trial}
+
+    ref = batches(reference)
+    for name, trial in trials.items():
+        if name == reference:
+            continue
+        mine = batches(name)
+        seeds = sorted(set(ref) & set(mine), key=lambda s: (s is None, s or 0))
+        if not seeds:
+            continue
+        a = np.array([[np.nan if v is None else v for v in mine[s]] for s in seeds])
+        b = np.array([[np.nan if v is None else v for v in ref[s]] for s in seeds])
+        if a.shape != b.shape:
+            continue  # diagnosed on other batches: nothing to pair
+        keep = ~(np.isnan(a) | np.isnan(b)).any(axis=0)
+        if keep.any():
+            test = paired_bootstrap([(a - b)[:, keep]])
+            trial["vs_reference"] = {"reference": reference, **test}
 
 
 def format_study_table(trials: dict) -> str:
     """Markdown: per trial, quality (when known) and the cosine overall and per module kind."""
     kinds = list(dict.fromkeys(k for t in trials.values() for k in t["by_kind"]))
     with_quality = any("quality" in t for t in trials.values())
+    reference = next((t["vs_reference"]["reference"] for t in trials.values()
+                      if "vs_reference" in t), None)
 
-    def cell(s: dict | None) -> str:
+    def cell(s: dict | None, sign: str = "+") -> str:
         if not s or s["mean"] is None:
             return "-"
-        return f"{s['mean']:+.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+        return f"{s['mean']:{sign}.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+
+    def versus(name: str, t: dict) -> str:
+        if name == reference:
+            return "reference"
+        v = t.get("vs_reference")
+        return "-" if v is None else (f"{v['difference']:+.3f} [{v['low']:+.3f}, "
+                                      f"{v['high']:+.3f}] p={v['p']:.2f}")
 
     head = ["trial", "runs"] + (["search NDCG@10", "rec NDCG@10"] if with_quality else []) \
-        + ["cosine, all shared"] + kinds + ["one-task params"]
+        + ["cosine, all shared"] + ([f"vs {reference}"] if reference else []) + kinds \
+        + ["one-task tensors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, t in trials.items():
         row = [name, str(len(t["seeds"]))]
         if with_quality:
             q = t.get("quality", {})
-            row += [cell(q.get(metric)) for metric in QUALITY]
-        row += [cell(t["overall"])] + [cell(t["by_kind"].get(k)) for k in kinds]
-        row.append(f"{t['task_only_params']:,d}" if t["task_only_params"] else "0")
+            row += [cell(q.get(metric), sign="") for metric in QUALITY]
+        row += [cell(t["overall"])] + ([versus(name, t)] if reference else []) \
+            + [cell(t["by_kind"].get(k)) for k in kinds]
+        row.append(f"{t['task_only_tensors']:,d}" if t["task_only_tensors"] else "0")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -144,6 +191,7 @@ def plot_study(trials: dict, path: Path) -> None:
                     yerr=[s["std"] or 0.0 for _, s in layers], marker="o", capsize=3,
                     label=f"{name} (all shared {t['overall']['mean']:+.3f})")
     ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xticks(sorted({int(k) for t in trials.values() for k in t["by_layer"]}))
     ax.set_xlabel("backbone layer")
     ax.set_ylabel("cos(grad search, grad rec)")
     ax.set_title("gradient conflict per layer, mean ± std over seeds")
