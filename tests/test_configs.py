@@ -51,7 +51,7 @@ def test_sweep_loads_and_every_trial_is_a_valid_override(path):
     from gensr_ray.study import load_sweep
 
     sweep = load_sweep(path)
-    assert len(sweep.trials) >= 3 and sweep.mode in ("max", "min")
+    assert len(sweep.trials) >= 2 and sweep.mode in ("max", "min")  # a comparison
     assert any("gensr tune" in line for line in path.read_text().splitlines()[:4])
 
 
