@@ -34,12 +34,13 @@ def object_store_bytes(setting_gb: float = 0.0) -> int:
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None,
-               temp_dir: str | None = None, include_dashboard: bool = True) -> None:
+               temp_dir: str | None = None, include_dashboard: bool | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one,
     its object store `object_store_memory` bytes (default: `object_store_bytes()`).
 
-    include_dashboard=False starts no dashboard (and no job server): for images that lack the
-    dashboard's dependencies (ray without the `default` extra)."""
+    A local cluster starts the dashboard (and its job server) when its packages are installed
+    (include_dashboard=None, Ray's own rule), so an image with ray but without its `default`
+    extra still trains; True insists on it, False never starts it."""
     import ray
 
     global _LOCAL_CLUSTER

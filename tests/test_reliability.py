@@ -311,3 +311,31 @@ def test_the_object_store_follows_the_machine_or_the_setting():
     assert object_store_bytes(1.5) == 3 << 29
     with pytest.raises(ConfigError, match="scale.object_store_gb=-1.0 is out of range"):
         apply_overrides(GenSRConfig(), {"scale.object_store_gb": -1.0})
+
+
+_MINIMAL_RAY_DRIVER = """
+import sys
+import ray
+import ray._private.utils as ray_utils
+from gensr_ray.ray_init import ensure_ray
+# what ray without its `default` extra reports: the dashboard's packages are missing
+ray_utils.get_dashboard_dependency_error = lambda: "No module named 'aiohttp'"
+ensure_ray(num_cpus=1, temp_dir=sys.argv[1])
+print("cpus", ray.cluster_resources()["CPU"], flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_local_cluster_starts_where_ray_lacks_its_dashboard_packages():
+    """On an image with ray but not ray[default] (as on many GPU images), `gensr train` failed
+    with "Cannot include dashboard with missing packages": the local cluster asked for the
+    dashboard whether or not it could run."""
+    temp_dir = Path(f"/tmp/gr-minimal-{os.getpid()}")  # Ray's socket names fit in 107 bytes
+    try:
+        done = subprocess.run([sys.executable, "-c", _MINIMAL_RAY_DRIVER, str(temp_dir)],
+                              capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "RAY_ADDRESS": ""})
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cpus 1.0" in done.stdout
