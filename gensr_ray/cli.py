@@ -157,6 +157,24 @@ def _export(args: argparse.Namespace) -> None:
           f"{', backbone/' if (out / 'backbone').is_dir() else ''}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    import json
+
+    from gensr_ray.atomic import atomic_write_text
+    from gensr_ray.eval.compare import compare_runs, format_comparison, load_results
+
+    if args.out:
+        _check_writable(args.out)
+    result = compare_runs(load_results(args.results), args.results, args.model, args.metric,
+                          args.resamples)
+    table = format_comparison(result)
+    print(table, end="")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.out.with_suffix(".md"), table)
+        print(f"comparison written to {args.out} and {args.out.with_suffix('.md')}")
+
+
 def _diagnose(args: argparse.Namespace) -> None:
     from gensr_ray.config import ConfigError
     from gensr_ray.train.conflict import format_table
@@ -378,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the checkpoint's config, e.g. --set eval.num_workers=4 "
                         "(repeatable)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("compare", help="one model's runs (one results file per seed) against "
+                                       "the baselines: mean, sd and paired intervals")
+    p.add_argument("results", nargs="+", type=Path,
+                   help="gensr eval --out files, one per run, of the same split and examples")
+    p.add_argument("--model", default="gensr", help="the model compared (default gensr)")
+    p.add_argument("--metric", default="NDCG@10",
+                   help="per-example metric of the paired comparison: HR@K or NDCG@K")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON of the comparison (its markdown table beside it, .md)")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("diagnose", help="gradient conflict between search and "
                                         "recommendation of a checkpoint or of a whole study")

@@ -1,0 +1,93 @@
+"""`gensr compare`: one model's runs (one results file per seed) against the baselines, on
+results files written as `gensr eval --out` writes them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gensr_ray.cli import main
+from gensr_ray.eval.compare import CompareError, compare_runs, format_comparison, load_results
+from gensr_ray.eval.harness import write_results
+
+BASELINE = {"search": [0, 3, 12, 40, 1, 7, 25, 2], "rec": [5, 9, 0, 60, 14, 3, 11, 30]}
+
+
+def _results(gensr_ranks: dict, baseline: dict = BASELINE) -> dict:
+    """A results dict of the harness's shape: `gensr` and one baseline, per-example ranks."""
+    def summary(ranks: dict) -> dict:
+        return {task: {"sampled": {"NDCG@10": 0.0}, "full": {}} for task in ranks}
+    return {"split": "test", "subset": None,
+            "num_examples": {task: len(r) for task, r in baseline.items()},
+            "models": {"gensr": summary(gensr_ranks), "sasrec": summary(baseline)},
+            "sampled_ranks": {"gensr": gensr_ranks, "sasrec": baseline}}
+
+
+def _write(tmp_path, runs: list[dict]) -> list:
+    paths = []
+    for i, results in enumerate(runs):
+        path = tmp_path / f"s{i}" / "results.json"
+        path.parent.mkdir()
+        write_results(results, path)
+        paths.append(path)
+    return paths
+
+
+def _ndcg(ranks) -> float:
+    ranks = np.asarray(ranks, dtype=float)
+    return float(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0).mean())
+
+
+def test_three_seeds_give_mean_sd_and_a_paired_interval(tmp_path):
+    # every seed ranks each target at most as low as the baseline, most of them better
+    seeds = [{task: [max(0, r - shift) for r in ranks] for task, ranks in BASELINE.items()}
+             for shift in (2, 3, 5)]
+    paths = _write(tmp_path, [_results(s) for s in seeds])
+    result = compare_runs(load_results(paths), paths, resamples=2000)
+
+    for task in ("search", "rec"):
+        values = [_ndcg(s[task]) for s in seeds]
+        got = result["table"]["gensr"][task]["NDCG@10"]
+        assert got["mean"] == pytest.approx(np.mean(values))
+        assert got["std"] == pytest.approx(np.std(values, ddof=1))
+        assert result["table"]["sasrec"][task]["NDCG@10"]["std"] == pytest.approx(0.0, abs=1e-12)
+        paired = result["paired"]["sasrec"][task]
+        assert paired["difference"] == pytest.approx(np.mean(values) - _ndcg(BASELINE[task]))
+        assert 0 < paired["low"] <= paired["difference"] <= paired["high"]
+        assert paired["seeds"] == 3 and paired["examples"] == 8
+    table = format_comparison(result)
+    assert "| gensr (3 runs, mean ± sd) |" in table and "| sasrec |" in table
+
+
+def test_the_command_writes_json_and_markdown_and_refuses_runs_on_other_candidates(
+        tmp_path, capsys):
+    same = _write(tmp_path, [_results(BASELINE), _results({t: [r + 1 for r in rs]
+                                                            for t, rs in BASELINE.items()})])
+    out = tmp_path / "cmp" / "recipe.json"
+    assert main(["compare", *map(str, same), "--out", str(out), "--resamples", "500"]) == 0
+    assert json.loads(out.read_text())["runs"] == [str(p) for p in same]
+    assert out.with_suffix(".md").read_text().startswith("| model |")
+    assert "gensr minus each model" in capsys.readouterr().out
+
+    # a baseline ranked differently: another dataset, or other stored negatives
+    other = dict(BASELINE, rec=[r + 1 for r in BASELINE["rec"]])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    [bad] = _write(moved, [_results(BASELINE, baseline=other)])
+    assert main(["compare", str(same[0]), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: sasrec's rec ranks differ from {same[0]}'s" in err
+
+
+def test_unreadable_or_incomplete_files_are_named(tmp_path, capsys):
+    [good] = _write(tmp_path, [_results(BASELINE)])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(["compare", str(good), str(broken)]) == 2
+    assert f"{broken}: not a readable results file" in capsys.readouterr().err
+    with pytest.raises(CompareError, match=r"no 'twin' ranks \(models: gensr, sasrec\)"):
+        compare_runs(load_results([good]), [good], model="twin")
+    with pytest.raises(CompareError, match="--metric MRR@10"):
+        compare_runs(load_results([good]), [good], metric="MRR@10")
