@@ -161,13 +161,22 @@ def _compare(args: argparse.Namespace) -> None:
     import json
 
     from gensr_ray.atomic import atomic_write_text
-    from gensr_ray.eval.compare import compare_runs, format_comparison, load_results
+    from gensr_ray.eval.compare import (
+        by_popularity,
+        compare_runs,
+        format_breakdown,
+        format_comparison,
+        load_results,
+    )
 
     if args.out:
         _check_writable(args.out)
-    result = compare_runs(load_results(args.results), args.results, args.model, args.metric,
-                          args.resamples)
+    runs = load_results(args.results)
+    result = compare_runs(runs, args.results, args.model, args.metric, args.resamples)
     table = format_comparison(result)
+    if args.data is not None:
+        result["by_popularity"] = by_popularity(result, runs, args.data)
+        table += "\n" + format_breakdown(result, result["by_popularity"])
     print(table, end="")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
@@ -405,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="NDCG@10",
                    help="per-example metric of the paired comparison: HR@K or NDCG@K")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the runs' dataset: also break each task down by the target's number "
+                        "of training interactions (quartiles), head to tail")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON of the comparison (its markdown table beside it, .md)")
     p.set_defaults(func=_compare)

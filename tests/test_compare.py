@@ -91,3 +91,48 @@ def test_unreadable_or_incomplete_files_are_named(tmp_path, capsys):
         compare_runs(load_results([good]), [good], model="twin")
     with pytest.raises(CompareError, match="--metric MRR@10"):
         compare_runs(load_results([good]), [good], metric="MRR@10")
+
+
+def test_the_popularity_breakdown_groups_examples_by_their_target_s_training_count(tmp_path,
+                                                                                   capsys):
+    from gensr_ray.data import contract
+    from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
+    from gensr_ray.data.writer import write_dataset
+    from gensr_ray.eval.compare import by_popularity
+    from gensr_ray.eval.harness import load_eval_examples
+
+    data = tmp_path / "data"
+    write_dataset(generate_synthetic(SyntheticOptions(seed=3)), data)
+    examples = load_eval_examples(data, "test")
+    table = contract.read_table(contract.interactions_dir(data), columns=["item_id", "split"])
+    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
+    counts = np.bincount(table.column("item_id").to_numpy()[train])
+    # the model ranks a target first when it is popular (>= the median count), 20th otherwise;
+    # the baseline ranks every target 5th
+    ranks, baseline = {}, {}
+    for task, batch in examples.items():
+        popular = counts[batch["target"]] >= np.median(counts[batch["target"]])
+        ranks[task] = np.where(popular, 0, 20).tolist()
+        baseline[task] = [4] * len(popular)
+    paths = _write(tmp_path, [_results(ranks, baseline)] * 2)
+    runs = load_results(paths)
+    result = compare_runs(runs, paths, resamples=200)
+    breakdown = by_popularity(result, runs, data, bins=4)
+
+    for task, groups in breakdown.items():
+        assert sum(g["examples"] for g in groups) == len(examples[task]["target"])
+        assert all(a["high"] <= b["low"] for a, b in zip(groups, groups[1:]))  # head last
+        assert groups[0]["models"]["gensr"] < groups[-1]["models"]["gensr"] == 1.0
+        assert all(g["models"]["sasrec"] == pytest.approx(1 / np.log2(6)) for g in groups)
+
+    out = tmp_path / "cmp.json"
+    assert main(["compare", *map(str, paths), "--data", str(data), "--out", str(out)]) == 0
+    assert "by the target's training interactions" in out.with_suffix(".md").read_text()
+    assert json.loads(out.read_text())["by_popularity"]["rec"][-1]["models"]["gensr"] == 1.0
+
+    # results of another dataset: a different number of examples
+    short = {task: r[:-1] for task, r in ranks.items()}
+    (tmp_path / "other").mkdir()
+    other = _write(tmp_path / "other", [_results(short, {t: b[:-1] for t, b in baseline.items()})])
+    assert main(["compare", *map(str, other), "--data", str(data)]) == 2
+    assert "examples, the results rank" in capsys.readouterr().err

@@ -130,3 +130,60 @@ def format_comparison(result: dict) -> str:
                          + ("p < 0.001" if p["p"] < 0.001 else f"p = {p['p']:.2g}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def by_popularity(result: dict, runs: list[dict], data_dir: Path, bins: int = 4) -> dict:
+    """Each task's examples split into `bins` groups by the target's number of training
+    interactions (quantiles), and every model's mean per-example metric in each group (the
+    compared model's averaged over its runs): where a model wins or loses, head or tail."""
+    from gensr_ray.data import contract
+    from gensr_ray.eval.harness import load_eval_examples, train_item_counts
+
+    if runs[0].get("subset"):
+        raise CompareError("--data: the breakdown needs results over every example, not a "
+                           f"subset of {runs[0]['subset']}")
+    data_dir = Path(data_dir)
+    examples = load_eval_examples(data_dir, result["split"] or "test")
+    n_items = contract.read_table(contract.items_dir(data_dir), columns=["item_id"]).num_rows
+    counts = train_item_counts(data_dir, n_items)
+    metric, breakdown = result["metric"], {}
+    for task in result["tasks"]:
+        targets = examples.get(task, {}).get("target", np.zeros(0, dtype=np.int64))
+        stored = len(runs[0]["sampled_ranks"][result["model"]][task])
+        if len(targets) != stored:
+            raise CompareError(f"--data {data_dir}: {len(targets)} {result['split']} {task} "
+                               f"examples, the results rank {stored}: another dataset")
+        popularity = counts[targets]
+        edges = np.quantile(popularity, np.linspace(0, 1, bins + 1))
+        group = np.clip(np.searchsorted(edges[1:-1], popularity, side="right"), 0, bins - 1)
+        rows = []
+        for g in range(bins):
+            members = group == g
+            if not members.any():
+                continue
+            means = {}
+            for name in result["table"]:
+                if task not in runs[0]["sampled_ranks"][name]:
+                    continue
+                means[name] = float(np.mean([
+                    per_example(np.asarray(r["sampled_ranks"][name][task])[members], metric).mean()
+                    for r in runs]))
+            rows.append({"low": int(popularity[members].min()),
+                         "high": int(popularity[members].max()),
+                         "examples": int(members.sum()), "models": means})
+        breakdown[task] = rows
+    return breakdown
+
+
+def format_breakdown(result: dict, breakdown: dict) -> str:
+    """Markdown: per task, a row per popularity group, a column per model."""
+    names = list(result["table"])
+    lines = [f"{result['metric']} by the target's training interactions (quantile groups):", "",
+             "| task | target interactions | examples | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for task, rows in breakdown.items():
+        for row in rows:
+            cells = [task, f"{row['low']}-{row['high']}", str(row["examples"])]
+            cells += [f"{row['models'][n]:.3f}" if n in row["models"] else "-" for n in names]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

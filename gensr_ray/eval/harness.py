@@ -44,6 +44,18 @@ CHUNK = 1024
 _EARLIER = {"valid": ("train",), "test": ("train", "valid")}
 
 
+def train_item_counts(data_dir: Path, n_items: int) -> np.ndarray:
+    """Each item's number of training interactions (its popularity), [n_items]."""
+    table = contract.read_table(
+        contract.interactions_dir(data_dir), columns=["item_id", "split"]
+    )
+    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
+    item_ids = table.column("item_id").to_numpy()[train].astype(np.int64)
+    if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= n_items):
+        raise DataError(f"{contract.interactions_dir(data_dir)}: item ids outside 0..{n_items - 1}")
+    return np.bincount(item_ids, minlength=n_items)
+
+
 def load_eval_examples(data_dir: Path, split: str, max_examples: int = 0,
                        seed: int = 0) -> dict[str, dict]:
     """One batch per task present in examples/<split> (tasks without examples are left out).
@@ -378,14 +390,7 @@ def build_baselines(data_dir: Path, index: str = "flat", search_width: int = 64)
 
     items = contract.read_table(contract.items_dir(data_dir), columns=["item_id", "text"])
     n_items = items.num_rows
-    table = contract.read_table(
-        contract.interactions_dir(data_dir), columns=["item_id", "split"]
-    )
-    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
-    item_ids = table.column("item_id").to_numpy()[train].astype(np.int64)
-    if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= n_items):
-        raise DataError(f"{contract.interactions_dir(data_dir)}: item ids outside 0..{n_items - 1}")
-    counts = np.bincount(item_ids, minlength=n_items)
+    counts = train_item_counts(data_dir, n_items)
 
     path = contract.cf_path(data_dir)
     if path.is_file():
