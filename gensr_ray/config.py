@@ -126,6 +126,10 @@ class ModelConfig:
                                         "recency (0: the latest) in both views' encoders, as "
                                         "SASRec does; the authors' encoders see the history "
                                         "as a set")
+    cf_item_offsets: bool = _f(False, "a trained offset per item (zero at first) added to the "
+                                      "frozen LightGCN vectors of history and candidate: lets "
+                                      "the CF view learn what the frozen table lacks, e.g. "
+                                      "popularity (items x cf_dim parameters)")
     attn_implementation: str = _f("sdpa", "backbone attention: sdpa | eager | "
                                           "flash_attention_2 (needs flash-attn, GPUs, bf16/fp16)",
                                   choices=ATTENTION)

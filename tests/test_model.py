@@ -304,9 +304,9 @@ def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_dat
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("subspace, positions", [("shared_lora", False), ("task_lora", False),
-                                                 ("shared_lora", True)])
-def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions):
+@pytest.mark.parametrize("subspace, positions, offsets", [
+    ("shared_lora", False, False), ("task_lora", False, False), ("shared_lora", True, True)])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions, offsets):
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
     from gensr_ray.inputs.build import build_features
@@ -314,9 +314,9 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, position
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
         "model.prompt": "title_text", "model.subspace": subspace,
-        "model.history_positions": positions})
+        "model.history_positions": positions, "model.cf_item_offsets": offsets})
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
-    for p in model.parameters():  # non-zero adapters, so routing matters
+    for p in model.parameters():  # non-zero adapters (and offsets), so routing matters
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     model.eval()
@@ -432,6 +432,36 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
                 assert not torch.allclose(model(_reversed_histories(batch))["logits"],
                                           model(batch)["logits"], atol=1e-4)
     torch.testing.assert_close(scores[True], scores[False])  # zero embeddings: the same model
+
+
+def test_cf_item_offsets_start_from_the_frozen_table_and_learn_per_item(tiny_data):
+    """model.cf_item_offsets: zero offsets give the model without them; the loss reaches the
+    offsets of the items in the batch (history and candidates) and of no other item."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
+    from gensr_ray.data import contract
+    from gensr_ray.inputs.build import build_features
+    from gensr_ray.model.gensr import gensr_loss
+
+    examples = contract.read_table(contract.examples_dir(tiny_data, "train")).slice(0, 8)
+    logits = {}
+    for offsets in (False, True):
+        cfg = apply_overrides(GenSRConfig(), {
+            "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+            "model.prompt": "minimal", "model.cf_item_offsets": offsets})
+        torch.manual_seed(0)
+        model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+        encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+        batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+        out = model(batch)
+        logits[offsets] = out["logits"].detach()
+    loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
+    loss.backward()
+    touched = torch.zeros(model.cf_offsets.num_embeddings, dtype=torch.bool)
+    touched[batch["target_item"]] = True
+    touched[batch["hist_items"][batch["hist_mask"]]] = True
+    moved = model.cf_offsets.weight.grad.abs().sum(1) > 0
+    assert moved.any() and not (moved & ~touched).any()
+    torch.testing.assert_close(logits[True], logits[False])
 
 
 def test_scoring_batches_each_task_s_examples_when_the_tasks_alternate(tiny_data):

@@ -126,6 +126,9 @@ class GenSR(nn.Module):
             self.sem_positions = nn.Embedding(HISTORY_POSITIONS, width)
             nn.init.zeros_(self.cf_positions.weight)
             nn.init.zeros_(self.sem_positions.weight)
+        if cfg.cf_item_offsets:  # zero at first: training starts from the frozen table
+            self.cf_offsets = nn.Embedding(cf_items.shape[0], cf_dim)
+            nn.init.zeros_(self.cf_offsets.weight)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
         # the discriminative twin: one logit per task from the shared representation
         self.task_heads = nn.Linear(width, len(TASKS)) if cfg.kind == "discriminative" else None
@@ -140,8 +143,14 @@ class GenSR(nn.Module):
         return self.lm.get_output_embeddings().weight
 
     # -- the two views: encode the history once, pool it against each candidate -----------
+    def cf_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """The items' CF vectors: the frozen LightGCN rows, plus their trained offsets with
+        model.cf_item_offsets."""
+        x = self.cf_items[items].to(self.compute_dtype)
+        return x + self.cf_offsets(items) if self.cfg.cf_item_offsets else x
+
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
-        x = self.cf_items[hist_items].to(self.compute_dtype)
+        x = self.cf_vectors(hist_items)
         if self.cfg.history_positions:
             x = x + self.cf_positions(recency(hist_mask))
         return self.cf_encoder(x, hist_mask)
@@ -149,7 +158,7 @@ class GenSR(nn.Module):
     def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
                 target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(history vector, candidate vector), both projected to the model width."""
-        target = self.cf_items[target_item].to(self.compute_dtype)
+        target = self.cf_vectors(target_item)
         return self.cf_proj(self.cf_attention(encoded, target, mask)), self.cf_proj(target)
 
     def sem_encode(self, title_ids: torch.Tensor, title_mask: torch.Tensor):
