@@ -91,6 +91,13 @@ def test_unreadable_or_incomplete_files_are_named(tmp_path, capsys):
         compare_runs(load_results([good]), [good], model="twin")
     with pytest.raises(CompareError, match="--metric MRR@10"):
         compare_runs(load_results([good]), [good], metric="MRR@10")
+    # GenSR alone (no baseline to confirm the candidates): the example counts must agree
+    alone = [{**_results(BASELINE), "sampled_ranks": {"gensr": ranks}}
+             for ranks in (BASELINE, {t: r[:-2] for t, r in BASELINE.items()})]
+    (tmp_path / "alone").mkdir()
+    paths = _write(tmp_path / "alone", alone)
+    with pytest.raises(CompareError, match=f"{paths[1]}: 6 search examples, {paths[0]}: 8"):
+        compare_runs(load_results(paths), paths)
 
 
 def test_the_popularity_breakdown_groups_examples_by_their_target_s_training_count(tmp_path,

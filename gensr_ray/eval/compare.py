@@ -65,6 +65,11 @@ def compare_runs(runs: list[dict], paths: list[Path], model: str = "gensr",
         if list(run["sampled_ranks"][model]) != tasks:
             raise CompareError(f"{path}: tasks {list(run['sampled_ranks'][model])}, "
                                f"{first}: {tasks}")
+        for task in tasks:
+            n, n0 = (len(r["sampled_ranks"][model][task]) for r in (run, runs[0]))
+            if n != n0:
+                raise CompareError(f"{path}: {n} {task} examples, {first}: {n0}: these runs "
+                                   "did not rank the same examples")
         for other in others:  # deterministic baselines: the same ranks, or other candidates
             for task in run["sampled_ranks"][other]:
                 if run["sampled_ranks"][other][task] != runs[0]["sampled_ranks"][other].get(task):
@@ -107,7 +112,7 @@ def format_comparison(result: dict) -> str:
     head = ["model"] + [f"{task} {m}" for task in tasks for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, per_task in result["table"].items():
-        cells = [f"{name} ({runs} runs, mean ± sd)" if name == model else name]
+        cells = [f"{name} ({runs} runs, mean ± sd)" if name == model and runs > 1 else name]
         for task in tasks:
             for m in METRICS:
                 value = per_task.get(task, {}).get(m)
