@@ -400,27 +400,35 @@ def _reversed_histories(batch: dict) -> dict:
     return out
 
 
+def _seeded_model_and_batch(tiny_data, split: str, overrides: dict):
+    """A tiny-Llama GenSR (`minimal` prompt, seed 0 before it is built) with `overrides`,
+    and the pointwise batch of the first 8 examples of `split`."""
+    from gensr_ray.assemble import build_model, resolve_config_backbone
+    from gensr_ray.data import contract
+    from gensr_ray.inputs.build import build_features
+
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
+        "model.prompt": "minimal", **overrides})
+    torch.manual_seed(0)
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
+    examples = contract.read_table(contract.examples_dir(tiny_data, split)).slice(0, 8)
+    return cfg, model, collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+
+
 def test_history_positions_tell_the_order_of_the_history(tiny_data):
     """The authors' encoders see the history as a set: reversing it changes no score. With
     model.history_positions the model starts as theirs (zero embeddings) and, once the
     embeddings leave zero, tells the latest item from the oldest."""
-    from gensr_ray.assemble import build_model, resolve_config_backbone
-    from gensr_ray.data import contract
-    from gensr_ray.inputs.build import build_features
     from gensr_ray.model.gensr import recency
 
     assert recency(torch.tensor([[True, True, True, False]])).tolist() == [[2, 1, 0, 0]]
-    examples = contract.read_table(contract.examples_dir(tiny_data, "test")).slice(0, 8)
     scores = {}
     for positions in (False, True):
-        cfg = apply_overrides(GenSRConfig(), {
-            "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
-            "model.prompt": "minimal", "model.history_positions": positions})
-        torch.manual_seed(0)
-        model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+        _, model, batch = _seeded_model_and_batch(tiny_data, "test",
+                                                  {"model.history_positions": positions})
         model.eval()
-        encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
-        batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
         assert (batch["hist_mask"].sum(1) > 1).any()
         with torch.no_grad():
             scores[positions] = model(batch)["logits"]
@@ -437,21 +445,12 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
 def test_cf_item_offsets_start_from_the_frozen_table_and_learn_per_item(tiny_data):
     """model.cf_item_offsets: zero offsets give the model without them; the loss reaches the
     offsets of the items in the batch (history and candidates) and of no other item."""
-    from gensr_ray.assemble import build_model, resolve_config_backbone
-    from gensr_ray.data import contract
-    from gensr_ray.inputs.build import build_features
     from gensr_ray.model.gensr import gensr_loss
 
-    examples = contract.read_table(contract.examples_dir(tiny_data, "train")).slice(0, 8)
     logits = {}
     for offsets in (False, True):
-        cfg = apply_overrides(GenSRConfig(), {
-            "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
-            "model.prompt": "minimal", "model.cf_item_offsets": offsets})
-        torch.manual_seed(0)
-        model, backbone = build_model(cfg, resolve_config_backbone(cfg))
-        encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
-        batch = collate(encoder.encode(examples.to_pydict(), negatives_per_example=4))
+        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train",
+                                                    {"model.cf_item_offsets": offsets})
         out = model(batch)
         logits[offsets] = out["logits"].detach()
     loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
