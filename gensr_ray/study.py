@@ -92,6 +92,7 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = Fa
     from gensr_ray.ray_init import object_store_bytes
     from gensr_ray.train.launch import ensure_ray
 
+    _check_trials_use_workers(cfg, sweep)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(object_store_memory=object_store_bytes(cfg.scale.object_store_gb))
@@ -121,6 +122,16 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = Fa
     rows = _rows(grid, cfg)
     best = write_report(out, sweep, rows, concurrency)
     return {"best": best, "rows": rows, "experiment": str(experiment)}
+
+
+def _check_trials_use_workers(cfg: GenSRConfig, sweep: Sweep) -> None:
+    """Local mode (scale.num_workers=0) trains in the calling process through Ray Train's
+    own context, which Ray refuses inside a Tune trial: say so before any trial starts."""
+    for name, overrides in sweep.trials.items():
+        if apply_overrides(cfg, dict(overrides or {})).scale.num_workers == 0:
+            raise ConfigError(f"sweep {sweep.name!r}, trial {name!r}: scale.num_workers=0 "
+                              "(local mode) cannot run inside a Tune trial; give it at least "
+                              "one worker (scale.num_workers=1)")
 
 
 def _check_same_sweep(experiment: Path, sweep: Sweep) -> None:

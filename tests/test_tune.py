@@ -1,5 +1,5 @@
-"""A real Ray Tune study: two trials on the debug config, each its own trainer, ASHA stopping
-one of them on its validation during training, one report."""
+"""A real Ray Tune study on the debug config, each trial its own trainer: ASHA stopping one
+trial on its validation during training, a failed trial resumed, one report."""
 
 from __future__ import annotations
 
@@ -36,15 +36,26 @@ def _titles_all_starting_with_item(out: Path) -> Path:
     return out
 
 
-def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_cluster, tmp_path):
-    # `uninformed` sees no view and one title token, the same for every candidate: all its
-    # candidates tie, every target ranks last, its validation NDCG is 0. It runs second (one
-    # trial at a time on 2 CPUs), so at its first rung ASHA compares it with `lambda_0`'s.
+def test_a_study_stops_a_trial_early_resumes_a_failed_one_and_is_diagnosed(ray_cluster,
+                                                                          tmp_path):
+    """One study for Tune's whole life cycle (each trial costs a Ray Train start-up):
+
+    - `uninformed` sees no view and one title token, the same for every candidate: all its
+      candidates tie, every target ranks last, its validation NDCG is 0. Trials run one at a
+      time on 2 CPUs, sorted by name, so at its first rung ASHA compares it with `lambda_0`'s
+      and stops it.
+    - `later` fails at first (its data is not there yet); resumed, it runs, and the finished
+      trials keep their one result. It is `lambda_0` on a copy of the data, so ASHA keeps it.
+    - the finished runs are then diagnosed one by one and compared per trial."""
+    import shutil
+
+    later = tmp_path / "later"
     sweep_file = tmp_path / "asha.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "metric": "mean/sampled/NDCG@10", "mode": "max",
         "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
         "trials": {"lambda_0": {"loss.contrastive_weight": 0.0},
+                   "later": {"loss.contrastive_weight": 0.0, "data.path": str(later)},
                    "uninformed": {"model.use_cf": False, "model.use_sem": False,
                                   "data.prompt_title_tokens": 1,
                                   "data.target_title_tokens": 1}}}))
@@ -53,80 +64,66 @@ def test_asha_stops_a_trial_early_on_validation_and_the_report_says_so(ray_clust
         "data.path": str(data), "train.max_steps": 6, "train.log_every": 3,
         "train.eval_every": 2, "train.eval_examples": 40, "eval.max_examples": 20,
         "train.conflict_every": 6, "train.conflict_examples": 4})
-    study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    first = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    rows = {r["trial"]: r for r in first["rows"]}
+    assert "error" not in rows["lambda_0"] and "later" in rows["later"]["error"]
+    experiment = Path(first["experiment"])
+    finished_results = next(experiment.glob("*lambda_0*/result.json")).read_text()
+
+    shutil.copytree(data, later)
+    study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
+    assert next(experiment.glob("*lambda_0*/result.json")).read_text() == finished_results
 
     rows = {r["trial"]: r for r in csv.DictReader((tmp_path / "study" / "report.csv").open())}
-    assert sorted(rows) == ["lambda_0", "uninformed"]
-    finished, stopped = rows["lambda_0"], rows["uninformed"]
-    assert not finished["error"] and not finished["stopped_at_step"]
-    for task in ("search", "rec"):
-        for metric in ("sampled/HR@10", "sampled/NDCG@10", "full/Recall@10"):
-            assert math.isfinite(float(finished[f"{task}/{metric}"]))
+    assert sorted(rows) == ["lambda_0", "later", "uninformed"]
+    stopped = rows["uninformed"]
+    for name in ("lambda_0", "later"):
+        finished = rows[name]
+        assert not finished["error"] and not finished["stopped_at_step"]
+        for task in ("search", "rec"):
+            for metric in ("sampled/HR@10", "sampled/NDCG@10", "full/Recall@10"):
+                assert math.isfinite(float(finished[f"{task}/{metric}"]))
+        # the gradient conflict measured at the finished trial's last step reaches the report
+        assert -1.0 <= float(finished["conflict/overall"]) <= 1.0
+    # the same trial on the same data and seed: the same run
+    assert rows["later"]["val/mean/NDCG@10"] == rows["lambda_0"]["val/mean/NDCG@10"]
     assert stopped["stopped_at_step"] == "2" and float(stopped["val/mean/NDCG@10"]) == 0.0
-    # the gradient conflict measured at the finished trial's last step reaches the report
-    assert -1.0 <= float(finished["conflict/overall"]) <= 1.0
     assert not stopped["search/sampled/NDCG@10"]  # never evaluated at the end
     report = (tmp_path / "study" / "report.md").read_text()
-    assert study["best"] == "lambda_0" and "Winner: `lambda_0`" in report
+    assert study["best"] in ("lambda_0", "later")
+    assert f"Winner: `{study['best']}`" in report and "| later |" in report
     assert "- `uninformed` (seed 42) at step 2" in report and "conflict/overall" in report
     assert (tmp_path / "study" / "report.png").stat().st_size > 1000
-    experiment = Path(study["experiment"])  # Tune's own results stay browsable
-    assert len(list(experiment.glob("*/result.json"))) == 2
-    assert len(list(experiment.glob("*/events.out.tfevents.*"))) == 2  # TensorBoard
+    # Tune's own results stay browsable; `later` holds the result of its second attempt
+    assert len(list(experiment.glob("*/result.json"))) == 3
+    assert len(list(experiment.glob("*/events.out.tfevents.*"))) >= 2  # TensorBoard
     # the report again from the Tune directory alone (gensr tune --report-only)
     before = sorted((tmp_path / "study" / "report.csv").read_text().splitlines())
     (tmp_path / "study" / "report.csv").unlink()
     again = report_study(cfg, load_sweep(sweep_file), tmp_path / "study")
-    assert again["best"] == "lambda_0"
+    assert again["best"] == study["best"]
     assert sorted((tmp_path / "study" / "report.csv").read_text().splitlines()) == before
     with pytest.raises(ConfigError, match="no Tune experiment of sweep 'asha' there"):
         report_study(cfg, load_sweep(sweep_file), tmp_path / "elsewhere")
 
-
-def test_a_resumed_study_runs_only_the_trials_that_did_not_finish(ray_cluster, tmp_path):
-    """`later` fails at first (its data is not there yet); resumed, it runs, and `here`,
-    finished, keeps its one result."""
-    import shutil
-
-    data = _titles_all_starting_with_item(tmp_path / "data")
-    later = tmp_path / "later"
-    sweep_file = tmp_path / "resume.yaml"
-    sweep_file.write_text(yaml.safe_dump({
-        "metric": "mean/sampled/NDCG@10", "mode": "max",
-        "trials": {"here": {}, "later": {"data.path": str(later)}}}))
-    cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
-        "data.path": str(data), "train.max_steps": 2, "train.log_every": 1,
-        "eval.max_examples": 10})
-    first = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
-    rows = {r["trial"]: r for r in first["rows"]}
-    assert "error" not in rows["here"] and "later" in rows["later"]["error"]
-    experiment = Path(first["experiment"])
-    here_results = next(experiment.glob("*here*/result.json")).read_text()
-
-    shutil.copytree(data, later)
-    again = run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
-    rows = {r["trial"]: r for r in again["rows"]}
-    assert "error" not in rows["later"] and math.isfinite(rows["later"]["rec/sampled/NDCG@10"])
-    assert next(experiment.glob("*here*/result.json")).read_text() == here_results
-    assert "| later |" in (tmp_path / "study" / "report.md").read_text()
-
-    # the finished study's runs diagnosed one by one and compared per trial
+    # the finished runs diagnosed one by one and compared per trial (the stopped one has no
+    # finished run)
     assert main(["diagnose", "--study", str(tmp_path / "study"), "--out",
                  str(tmp_path / "conflict"), "--batches", "1", "--examples", "2"]) == 0
     compared = json.loads((tmp_path / "conflict" / "conflict_study.json").read_text())
-    assert list(compared["trials"]) == ["here", "later"]  # the sweep's order
+    assert list(compared["trials"]) == ["lambda_0", "later"]  # the sweep's order
     for name, trial in compared["trials"].items():
         run = json.loads((tmp_path / "conflict" / name / "conflict.json").read_text())
         assert trial["overall"]["mean"] == pytest.approx(run["overall"]["mean"])
         assert trial["quality"]["rec/sampled/NDCG@10"]["mean"] == pytest.approx(
-            rows[name]["rec/sampled/NDCG@10"], abs=1e-4)
+            float(rows[name]["rec/sampled/NDCG@10"]), abs=1e-4)
     table = (tmp_path / "conflict" / "conflict_study.md").read_text()
     assert table.startswith("| trial | runs | search NDCG@10 | rec NDCG@10 | cosine, all shared")
     assert (tmp_path / "conflict" / "conflict_study.png").stat().st_size > 0
 
     sweep_file.write_text(yaml.safe_dump({"metric": "mean/sampled/NDCG@10", "mode": "max",
-                                          "trials": {"here": {}, "other": {}}}))
-    with pytest.raises(ConfigError, match="ran other trials than sweep 'resume' lists now"):
+                                          "trials": {"lambda_0": {}, "other": {}}}))
+    with pytest.raises(ConfigError, match="ran other trials than sweep 'asha' lists now"):
         run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
 
 
@@ -148,6 +145,17 @@ def test_a_scheduler_needs_validation_during_training(tmp_path):
         "scheduler": {"name": "asha", "grace": 2}, "trials": {"a": {}}}))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['grace'\]"):
         load_sweep(sweep_file)
+
+
+def test_a_trial_in_local_mode_is_refused_before_any_trial_starts(tmp_path, capsys):
+    sweep_file = tmp_path / "local.yaml"
+    sweep_file.write_text(yaml.safe_dump({"trials": {"workers": {},
+                                                     "local": {"scale.num_workers": 0}}}))
+    assert main(["tune", "--config", str(ROOT / "configs" / "debug.yaml"),
+                 "--sweep", str(sweep_file), "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert "trial 'local': scale.num_workers=0 (local mode) cannot run inside a Tune trial" in err
+    assert not (tmp_path / "study").exists()
 
 
 def test_tune_out_on_object_storage_points_to_the_storage_setting(capsys):
