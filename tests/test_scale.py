@@ -25,8 +25,11 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
-    """A real head with the job server on 127.0.0.1; the job is the debug training run."""
+def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache, monkeypatch):
+    """A real head with the job server on 127.0.0.1; the job is the debug training run, with
+    log.wandb (offline) and log.mlflow (a file store in --out). What the job prints holds the
+    driver's lines only (workers' output, Ray's INFO lines, DeepSpeed's, transformers' and
+    W&B's notices stay out of it), and both trackers hold every report."""
     import os
     import secrets
     import signal
@@ -52,7 +55,8 @@ def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
     out = tmp_path / "job_run"
     runtime_env = {**yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text()),
                    "working_dir": str(ROOT),
-                   "env_vars": {"GENSR_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}}
+                   "env_vars": {"GENSR_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0",
+                                "WANDB_MODE": "offline"}}
     try:
         _wait_for_dashboard(dashboard, head)
         # the CLI, as users run it; a fresh process so it reads RAY_AUTH_MODE from `env`
@@ -62,7 +66,8 @@ def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
              f"--runtime-env-json={json.dumps(runtime_env)}", "--",
              "python", "-m", "jobs.train", "--config", "configs/debug.yaml", "--out", str(out),
              "--set", f"data.path={tmp_path / 'data'}", "--set", "train.max_steps=6",
-             "--set", "train.log_every=3"],
+             "--set", "train.log_every=3", "--set", "log.wandb=true",
+             "--set", "log.mlflow=true"],
             env=env, capture_output=True, text=True, timeout=600)
         logs = submit.stdout + submit.stderr
         assert submit.returncode == 0 and "succeeded" in logs, logs[-3000:]
@@ -72,10 +77,41 @@ def test_ray_job_submit_runs_the_debug_training(tmp_path, model_cache):
         assert not Path(summary["checkpoint"]).is_absolute()
         assert (out / summary["checkpoint"] / "model" / "trainable.pt").is_file()
         metrics = Path(run_location(GenSRConfig(), out).metrics)
-        assert metrics.read_text().count("\n") >= 2
+        reports = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["step"] for r in reports] == [3, 6]
+        # the job's own output, between `ray job submit`'s header and its verdict
+        printed = logs.split("Tailing logs until the job exits")[1].split("succeeded")[0]
+        # less the job manager's own lines (one echoes the entrypoint and its flags)
+        printed = "\n".join(line for line in printed.splitlines()
+                             if "job_manager.py:" not in line and " cli.py:" not in line
+                             and not line.startswith("Running entrypoint for job"))
+        assert "step 6/6 | loss" in printed
+        for noise in ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "WARNING",
+                      "Loading weights", "lightgcn epoch", "DeepSpeed", "wandb", "Traceback"):
+            assert noise not in printed, (noise, printed[-3000:])
+        _check_trackers(out, reports, monkeypatch)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def _check_trackers(out: Path, reports: list[dict], monkeypatch) -> None:
+    """MLflow holds the config as parameters and every report's metrics at its step; W&B's
+    offline log holds the config and each reported value."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads it to open one
+    client = MlflowClient((out / "mlruns").as_uri())
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("gensr").experiment_id])
+    assert mlflow_run.data.params["train.max_steps"] == "6"
+    history = client.get_metric_history(mlflow_run.info.run_id, "loss_answer")
+    assert [(h.step, h.value) for h in history] == [(r["step"], r["loss_answer"])
+                                                    for r in reports]
+    (log,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    written = log.read_bytes()
+    assert b"train.max_steps" in written
+    for r in reports:
+        assert json.dumps(r["loss_answer"]).encode() in written
 
 
 def _wait_for_dashboard(port: int, head, timeout: float = 120.0) -> None:
