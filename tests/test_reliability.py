@@ -204,6 +204,12 @@ def test_more_workers_than_the_machine_holds_is_refused_before_waiting(ray_clust
     with pytest.raises(ConfigError, match=r"scale.num_workers=1000 x scale.cpus_per_worker=0.5 "
                                           r"needs 500 CPU; the cluster has 2 CPU"):
         run_training(cfg, tmp_path / "big")
+    # workers that fit but take every CPU: Ray Data's tasks could never run, training would
+    # wait forever for its first batch
+    cfg = _config(dataset, **{"scale.num_workers": 1, "scale.cpus_per_worker": 2})
+    with pytest.raises(ConfigError, match=r"takes all 2 CPUs of the cluster and leaves none "
+                                          r"for Ray Data.*lower scale.cpus_per_worker \(e.g. 1.5\)"):
+        run_training(cfg, tmp_path / "all")
 
 
 def test_eval_checks_its_output_path_before_the_work(tmp_path, capsys):

@@ -36,6 +36,7 @@ from gensr_ray.data.validate import validate_dataset
 from gensr_ray.inputs.build import item_tokens
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.ray_init import ensure_ray, object_store_bytes, started_local_cluster
+from gensr_ray.train.dataset import DATA_TASK_CPUS
 from gensr_ray.tracking import Tracker
 from gensr_ray.train.curves import plot_training, read_metrics
 from gensr_ray.train.dataset import training_dataset
@@ -148,6 +149,18 @@ def check_resources(cfg: GenSRConfig) -> None:
     need = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
     have = ray.cluster_resources()
     short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+    if not short and have.get("CPU", 0.0) - need["CPU"] < DATA_TASK_CPUS:
+        # the workers would start and then wait forever for their first batch: Ray Data's
+        # read/tokenize tasks run only on the CPUs the workers leave free
+        message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker="
+                   f"{s.cpus_per_worker} takes all {have.get('CPU', 0.0):g} CPUs of the cluster "
+                   f"and leaves none for Ray Data's read/tokenize tasks ({DATA_TASK_CPUS} CPU "
+                   "each)")
+        if started_local_cluster():
+            raise ConfigError(message + ": lower scale.cpus_per_worker (e.g. "
+                              f"{(have.get('CPU', 0.0) - 0.5) / s.num_workers:g})")
+        log.warning("%s: waiting for the cluster to grow (autoscaler)", message)
+        return
     if not short:
         return
     message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker}"
