@@ -207,8 +207,9 @@ def test_more_workers_than_the_machine_holds_is_refused_before_waiting(ray_clust
     # workers that fit but take every CPU: Ray Data's tasks could never run, training would
     # wait forever for its first batch
     cfg = _config(dataset, **{"scale.num_workers": 1, "scale.cpus_per_worker": 2})
-    with pytest.raises(ConfigError, match=r"takes all 2 CPUs of the cluster and leaves none "
-                                          r"for Ray Data.*lower scale.cpus_per_worker \(e.g. 1.5\)"):
+    with pytest.raises(ConfigError, match=r"needs 2 of the cluster's 2 CPUs and leaves less "
+                                          r"than 0.25 for Ray Data.*lower scale.cpus_per_worker "
+                                          r"\(e.g. 1.5\)"):
         run_training(cfg, tmp_path / "all")
 
 

@@ -36,10 +36,9 @@ from gensr_ray.data.validate import validate_dataset
 from gensr_ray.inputs.build import item_tokens
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
 from gensr_ray.ray_init import ensure_ray, object_store_bytes, started_local_cluster
-from gensr_ray.train.dataset import DATA_TASK_CPUS
 from gensr_ray.tracking import Tracker
 from gensr_ray.train.curves import plot_training, read_metrics
-from gensr_ray.train.dataset import training_dataset
+from gensr_ray.train.dataset import DATA_TASK_CPUS, training_dataset
 from gensr_ray.train.loop import train_loop_per_worker
 from gensr_ray.train.progress import TrainingProgress
 from gensr_ray.train.strategy import configure_accelerator
@@ -153,9 +152,9 @@ def check_resources(cfg: GenSRConfig) -> None:
         # the workers would start and then wait forever for their first batch: Ray Data's
         # read/tokenize tasks run only on the CPUs the workers leave free
         message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker="
-                   f"{s.cpus_per_worker} takes all {have.get('CPU', 0.0):g} CPUs of the cluster "
-                   f"and leaves none for Ray Data's read/tokenize tasks ({DATA_TASK_CPUS} CPU "
-                   "each)")
+                   f"{s.cpus_per_worker} needs {need['CPU']:g} of the cluster's "
+                   f"{have.get('CPU', 0.0):g} CPUs and leaves less than {DATA_TASK_CPUS} for "
+                   "Ray Data's read/tokenize tasks")
         if started_local_cluster():
             raise ConfigError(message + ": lower scale.cpus_per_worker (e.g. "
                               f"{(have.get('CPU', 0.0) - 0.5) / s.num_workers:g})")
