@@ -138,8 +138,9 @@ def _metrics_log_callback(path: str, tensorboard: str):
 
 
 def check_resources(cfg: GenSRConfig) -> None:
-    """Refuse a worker group this machine's cluster can never hold (it would wait forever);
-    on a cluster that may grow (an autoscaler), say what is waited for."""
+    """Refuse a worker group this machine's cluster can never hold, or one that leaves Ray
+    Data no CPU (either would wait forever); on a cluster that may grow (an autoscaler), say
+    what is waited for."""
     import ray
 
     s = cfg.scale
@@ -148,26 +149,26 @@ def check_resources(cfg: GenSRConfig) -> None:
     need = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
     have = ray.cluster_resources()
     short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
-    if not short and have.get("CPU", 0.0) - need["CPU"] < DATA_TASK_CPUS:
+    left = have.get("CPU", 0.0) - need["CPU"]
+    if short:
+        message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker="
+                   f"{s.cpus_per_worker}{' + 1 GPU each' if s.use_gpu else ''} needs "
+                   + ", ".join(f"{v:g} {k}" for k, v in short.items())
+                   + "; the cluster has " + ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
+        remedy = "lower scale.num_workers or scale.cpus_per_worker"
+    elif left < DATA_TASK_CPUS:
         # the workers would start and then wait forever for their first batch: Ray Data's
         # read/tokenize tasks run only on the CPUs the workers leave free
         message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker="
                    f"{s.cpus_per_worker} needs {need['CPU']:g} of the cluster's "
                    f"{have.get('CPU', 0.0):g} CPUs and leaves less than {DATA_TASK_CPUS} for "
                    "Ray Data's read/tokenize tasks")
-        if started_local_cluster():
-            raise ConfigError(message + ": lower scale.cpus_per_worker (e.g. "
-                              f"{(have.get('CPU', 0.0) - 0.5) / s.num_workers:g})")
-        log.warning("%s: waiting for the cluster to grow (autoscaler)", message)
+        remedy = ("lower scale.cpus_per_worker (e.g. "
+                  f"{(have.get('CPU', 0.0) - 0.5) / s.num_workers:g})")
+    else:
         return
-    if not short:
-        return
-    message = (f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker}"
-               f"{' + 1 GPU each' if s.use_gpu else ''} needs "
-               + ", ".join(f"{v:g} {k}" for k, v in short.items())
-               + "; the cluster has " + ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short))
     if started_local_cluster():
-        raise ConfigError(message + ": lower scale.num_workers or scale.cpus_per_worker")
+        raise ConfigError(f"{message}: {remedy}")
     log.warning("%s: waiting for the cluster to grow (autoscaler)", message)
 
 
