@@ -245,6 +245,7 @@ def _tune(args: argparse.Namespace) -> None:
     from gensr_ray.prepare import ensure_data
     from gensr_ray.storage import is_uri
     from gensr_ray.study import load_sweep, report_study, run_study
+    from gensr_ray.sweep import select
 
     if is_uri(args.out):
         # trials' checkpoints may live on object storage; the study's report is the driver's
@@ -252,7 +253,7 @@ def _tune(args: argparse.Namespace) -> None:
                           "the driver; put the trials' checkpoints on object storage with "
                           "--set scale.storage_path=s3://BUCKET/PREFIX")
     args.out = Path(args.out)
-    sweep = load_sweep(args.sweep)
+    sweep = select(load_sweep(args.sweep), args.trials, args.seeds)
     cfg = load_config(args.config, args.set)
     if args.report_only:  # the trials have run: no data, no Ray cluster needed
         study = report_study(cfg, sweep, args.out)
@@ -379,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value (repeatable)")
+    p.add_argument("--trials", nargs="+", metavar="NAME",
+                   help="run only these trials of the sweep (its reference among them)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="run every trial once per these seeds instead of the sweep's")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the study in --out: run only its trials that did not "

@@ -17,7 +17,7 @@ anything runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gensr_ray.config import (
@@ -112,4 +112,24 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: a scheduler compares trials by validation during training, "
                           f"which reports {', '.join(VALIDATION_METRICS)}; metric "
                           f"{metric!r} has no such counterpart")
+    return sweep
+
+
+def select(sweep: Sweep, trials: list[str] | None = None, seeds: list[int] | None = None
+           ) -> Sweep:
+    """Part of a study: some of its trials (the reference among them, since every other trial
+    is compared with it) and/or other seeds. None keeps the sweep file's."""
+    if trials:
+        unknown = [t for t in trials if t not in sweep.trials]
+        if unknown:
+            raise ConfigError(f"--trials {' '.join(unknown)}: not in sweep {sweep.name!r}; its "
+                              f"trials: {', '.join(sweep.trials)}")
+        if sweep.reference not in trials:
+            raise ConfigError(f"--trials must include the reference trial {sweep.reference!r}: "
+                              "every other trial is compared with it")
+        sweep = replace(sweep, trials={t: sweep.trials[t] for t in sweep.trials if t in trials})
+    if seeds:
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: seeds must be distinct")
+        sweep = replace(sweep, seeds=list(seeds))
     return sweep

@@ -232,3 +232,24 @@ def test_a_sweep_names_seeds_and_a_reference_that_exists(tmp_path):
         sweep_file.write_text(yaml.safe_dump({**bad, "trials": {"a": {}, "b": {}}}))
         with pytest.raises(ConfigError, match=message):
             load_sweep(sweep_file)
+
+
+def test_part_of_a_study_is_chosen_by_trials_and_seeds(tmp_path):
+    from gensr_ray.config import ConfigError
+    from gensr_ray.sweep import select
+
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "ml100k-backbones.yaml")
+    part = select(sweep, ["smollm2_L4_lora", "tiny_random"], [1, 2])
+    # the sweep file's order and overrides are kept; only the seeds are replaced
+    assert list(part.trials) == ["tiny_random", "smollm2_L4_lora"]
+    assert part.trials["smollm2_L4_lora"] == sweep.trials["smollm2_L4_lora"]
+    assert part.seeds == [1, 2] and part.reference == "tiny_random"
+    assert sweep.seeds == [1, 2, 3] and len(sweep.trials) == 3  # the loaded sweep is untouched
+    assert select(sweep, None, None) == sweep
+    with pytest.raises(ConfigError, match="--trials must include the reference trial "
+                                          "'tiny_random'"):
+        select(sweep, ["smollm2_L4_lora"], None)
+    with pytest.raises(ConfigError, match="--trials smollm2: not in sweep 'ml100k-backbones'"):
+        select(sweep, ["tiny_random", "smollm2"], None)
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        select(sweep, None, [1, 1])
