@@ -45,9 +45,13 @@ def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
         backbone.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_subspace(backbone.model, cfg.model)
-    cf = load_cf(contract.cf_path(contract.local_root(cfg.data.path)))
+    root = contract.local_root(cfg.data.path)
+    cf = load_cf(contract.cf_path(root))
+    counts = None
+    if cfg.model.item_popularity:  # the train split's counts, as the popularity baseline's
+        counts = torch.from_numpy(contract.train_item_counts(root, cf.item_emb.shape[0]))
     model = GenSR(backbone.model, backbone.kind, torch.from_numpy(cf.item_emb), cfg.model,
-                  backbone.yes_id, backbone.no_id)
+                  backbone.yes_id, backbone.no_id, item_counts=counts)
     return model, backbone
 
 

@@ -130,6 +130,10 @@ class ModelConfig:
                                       "frozen LightGCN vectors of history and candidate: lets "
                                       "the CF view learn what the frozen table lacks, e.g. "
                                       "popularity (items x cf_dim parameters)")
+    item_popularity: bool = _f(False, "add a learned embedding (zero at first) of each item's "
+                                      "popularity bucket, log2 of its train interactions, to "
+                                      "its CF vector (history and candidate): popularity "
+                                      "stated outright, shared by items of a bucket")
     attn_implementation: str = _f("sdpa", "backbone attention: sdpa | eager | "
                                           "flash_attention_2 (needs flash-attn, GPUs, bf16/fp16)",
                                   choices=ATTENTION)

@@ -34,6 +34,7 @@ from gensr_ray.model.gensr import SUBSPACES, GenSR, route_default
 
 MODULES = "gensr_modules.safetensors"
 CF_TABLE = "cf_items"  # the frozen LightGCN item table's key in MODULES
+ITEM_COUNTS = "item_counts"  # model.item_popularity: the train counts its buckets come from
 
 
 def export_checkpoint(checkpoint: str | Path, out: Path, which: str = "best") -> Path:
@@ -68,6 +69,8 @@ def export_checkpoint(checkpoint: str | Path, out: Path, which: str = "best") ->
         modules = {n: p.detach().contiguous() for n, p in model.named_parameters()
                    if p.requires_grad and not n.startswith("lm.")}
         modules[CF_TABLE] = model.cf_items.contiguous()
+        if cfg.model.item_popularity:
+            modules[ITEM_COUNTS] = model.item_counts.contiguous()
         save_file(modules, str(tmp / MODULES), metadata={"format": "pt"})
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = json.loads((model_dir(path) / "state.json").read_text())
@@ -131,7 +134,8 @@ def load_export(directory: str | Path) -> tuple[GenSR, object, GenSRConfig]:
         route_default(lm, cfg.model)
     modules = load_file(str(directory / MODULES))
     cf_items = modules.pop(CF_TABLE)
-    model = GenSR(lm, backbone.kind, cf_items, cfg.model, backbone.yes_id, backbone.no_id)
+    model = GenSR(lm, backbone.kind, cf_items, cfg.model, backbone.yes_id, backbone.no_id,
+                  item_counts=modules.pop(ITEM_COUNTS, None))
     missing, unexpected = model.load_state_dict(modules, strict=False)
     missing = [n for n in missing if not n.startswith("lm.")]
     if missing or unexpected:

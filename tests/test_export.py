@@ -37,12 +37,14 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def _checkpoint(data: Path, root: Path, subspace: str) -> tuple[Path, GenSRConfig]:
+def _checkpoint(data: Path, root: Path, subspace: str, popularity: bool = False
+                ) -> tuple[Path, GenSRConfig]:
     """A checkpoint whose every trainable tensor is random, LoRA B included (zeros at
-    initialisation), so that each adapter changes the scores."""
+    initialisation), so that each adapter (and each popularity embedding) changes the scores."""
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(data), "model.backbone": "preset:tiny-llama", "model.prompt": "minimal",
-        "model.subspace": subspace, "model.lora_targets": ["q_proj", "v_proj"]})
+        "model.subspace": subspace, "model.lora_targets": ["q_proj", "v_proj"],
+        "model.item_popularity": popularity})
     model, _ = build_model(cfg, resolve_config_backbone(cfg))
     generator = torch.Generator().manual_seed(0)
     weights = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=generator)
@@ -61,9 +63,10 @@ def _scores(model, backbone, cfg, data: Path) -> dict[str, np.ndarray]:
     return scores
 
 
-@pytest.mark.parametrize("subspace", ["task_and_shared_lora", "full"])
-def test_the_export_scores_as_the_checkpoint(data, tmp_path, subspace, capsys):
-    checkpoint, cfg = _checkpoint(data, tmp_path, subspace)
+@pytest.mark.parametrize(("subspace", "popularity"),
+                         [("task_and_shared_lora", False), ("full", True)])
+def test_the_export_scores_as_the_checkpoint(data, tmp_path, subspace, popularity, capsys):
+    checkpoint, cfg = _checkpoint(data, tmp_path, subspace, popularity)
     out = tmp_path / "export"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     assert "exported to" in capsys.readouterr().out

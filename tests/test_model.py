@@ -463,6 +463,32 @@ def test_cf_item_offsets_start_from_the_frozen_table_and_learn_per_item(tiny_dat
     torch.testing.assert_close(logits[True], logits[False])
 
 
+def test_item_popularity_starts_from_the_frozen_table_and_learns_per_bucket(tiny_data):
+    """model.item_popularity: the buckets double with the train count; zero embeddings give
+    the model without them; the loss reaches the buckets of the batch's items and no other."""
+    from gensr_ray.data import contract
+    from gensr_ray.model.gensr import POPULARITY_BUCKETS, gensr_loss, popularity_buckets
+
+    assert popularity_buckets(torch.tensor([0, 1, 2, 3, 4, 7, 8, 10**9])).tolist() == [
+        0, 1, 1, 2, 2, 3, 3, POPULARITY_BUCKETS - 1]
+    logits = {}
+    for popularity in (False, True):
+        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train",
+                                                    {"model.item_popularity": popularity})
+        out = model(batch)
+        logits[popularity] = out["logits"].detach()
+    counts = contract.train_item_counts(tiny_data, model.cf_items.shape[0])
+    assert model.item_counts.tolist() == counts.tolist() and counts.sum() > 0
+    loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
+    loss.backward()
+    items = torch.cat([batch["target_item"], batch["hist_items"][batch["hist_mask"]]])
+    touched = torch.zeros(POPULARITY_BUCKETS, dtype=torch.bool)
+    touched[model.item_buckets[items]] = True
+    moved = model.popularity.weight.grad.abs().sum(1) > 0
+    assert moved.any() and not (moved & ~touched).any()
+    torch.testing.assert_close(logits[True], logits[False])
+
+
 def test_scoring_batches_each_task_s_examples_when_the_tasks_alternate(tiny_data):
     """score_candidates groups a batch's examples by task, so alternating tasks still fill the
     forwards (one forward per example otherwise), and each example keeps its own scores."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from gensr_ray import storage
@@ -166,3 +167,13 @@ def read_table(directory: Path, columns: list[str] | None = None) -> pa.Table:
     if not files:
         raise DataError(f"{directory}: no part-*.parquet shards")
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+def train_item_counts(data_dir: Path, n_items: int) -> np.ndarray:
+    """Each item's number of training interactions (its popularity), [n_items]."""
+    table = read_table(interactions_dir(data_dir), columns=["item_id", "split"])
+    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
+    item_ids = table.column("item_id").to_numpy()[train].astype(np.int64)
+    if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= n_items):
+        raise DataError(f"{interactions_dir(data_dir)}: item ids outside 0..{n_items - 1}")
+    return np.bincount(item_ids, minlength=n_items)

@@ -142,7 +142,8 @@ def by_popularity(result: dict, runs: list[dict], data_dir: Path, bins: int = 4)
     interactions (quantiles), and every model's mean per-example metric in each group (the
     compared model's averaged over its runs): where a model wins or loses, head or tail."""
     from gensr_ray.data import contract
-    from gensr_ray.eval.harness import load_eval_examples, train_item_counts
+    from gensr_ray.data.contract import train_item_counts
+    from gensr_ray.eval.harness import load_eval_examples
 
     if runs[0].get("subset"):
         raise CompareError("--data: the breakdown needs results over every example, not a "

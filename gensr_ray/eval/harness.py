@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gensr_ray.data import contract
-from gensr_ray.data.contract import DataError
+from gensr_ray.data.contract import DataError, train_item_counts
 from gensr_ray.eval.metrics import (
     DEFAULT_KS,
     NO_ITEM,
@@ -42,18 +42,6 @@ log = logging.getLogger(__name__)
 CHUNK = 1024
 # Earlier splits whose interactions the full-catalogue protocol excludes.
 _EARLIER = {"valid": ("train",), "test": ("train", "valid")}
-
-
-def train_item_counts(data_dir: Path, n_items: int) -> np.ndarray:
-    """Each item's number of training interactions (its popularity), [n_items]."""
-    table = contract.read_table(
-        contract.interactions_dir(data_dir), columns=["item_id", "split"]
-    )
-    train = table.column("split").to_numpy(zero_copy_only=False) == "train"
-    item_ids = table.column("item_id").to_numpy()[train].astype(np.int64)
-    if item_ids.size and (item_ids.min() < 0 or item_ids.max() >= n_items):
-        raise DataError(f"{contract.interactions_dir(data_dir)}: item ids outside 0..{n_items - 1}")
-    return np.bincount(item_ids, minlength=n_items)
 
 
 def load_eval_examples(data_dir: Path, split: str, max_examples: int = 0,

@@ -71,6 +71,14 @@ class EncoderLayer(nn.Module):
 
 # recency ranks a history position embedding tells apart; older items share the last one
 HISTORY_POSITIONS = 64
+# popularity buckets: floor(log2(1 + train interactions)), the last one shared by the busiest
+POPULARITY_BUCKETS = 24
+
+
+def popularity_buckets(counts: torch.Tensor) -> torch.Tensor:
+    """[n_items] train interaction counts -> bucket ids: 0 for a cold item, then one bucket
+    per doubling of the count."""
+    return torch.log2(1 + counts.double()).floor().long().clamp(0, POPULARITY_BUCKETS - 1)
 
 
 def recency(mask: torch.Tensor) -> torch.Tensor:
@@ -105,7 +113,9 @@ GenSROutput = dict
 
 class GenSR(nn.Module):
     def __init__(self, lm: nn.Module, kind: str, cf_items: torch.Tensor, cfg: ModelConfig,
-                 yes_id: int, no_id: int):
+                 yes_id: int, no_id: int, item_counts: torch.Tensor | None = None):
+        """`item_counts`: [n_items] train interactions per item, which model.item_popularity
+        needs (the model reads no files: gensr_ray.assemble counts them)."""
         super().__init__()
         if cfg.subspace not in SUBSPACES:
             raise ValueError(f"model.subspace={cfg.subspace!r}; expected one of {list(SUBSPACES)}")
@@ -129,6 +139,16 @@ class GenSR(nn.Module):
         if cfg.cf_item_offsets:  # zero at first: training starts from the frozen table
             self.cf_offsets = nn.Embedding(cf_items.shape[0], cf_dim)
             nn.init.zeros_(self.cf_offsets.weight)
+        if cfg.item_popularity:  # zero at first, as the offsets
+            if item_counts is None or item_counts.shape != cf_items.shape[:1]:
+                raise ValueError(f"model.item_popularity needs one train interaction count per "
+                                 f"item ({cf_items.shape[0]}), got "
+                                 f"{None if item_counts is None else tuple(item_counts.shape)}")
+            self.register_buffer("item_counts", item_counts.long(), persistent=False)
+            self.register_buffer("item_buckets", popularity_buckets(item_counts),
+                                 persistent=False)
+            self.popularity = nn.Embedding(POPULARITY_BUCKETS, cf_dim)
+            nn.init.zeros_(self.popularity.weight)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
         # the discriminative twin: one logit per task from the shared representation
         self.task_heads = nn.Linear(width, len(TASKS)) if cfg.kind == "discriminative" else None
@@ -145,9 +165,14 @@ class GenSR(nn.Module):
     # -- the two views: encode the history once, pool it against each candidate -----------
     def cf_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """The items' CF vectors: the frozen LightGCN rows, plus their trained offsets with
-        model.cf_item_offsets."""
+        model.cf_item_offsets and their popularity bucket's embedding with
+        model.item_popularity."""
         x = self.cf_items[items].to(self.compute_dtype)
-        return x + self.cf_offsets(items) if self.cfg.cf_item_offsets else x
+        if self.cfg.cf_item_offsets:
+            x = x + self.cf_offsets(items)
+        if self.cfg.item_popularity:
+            x = x + self.popularity(self.item_buckets[items])
+        return x
 
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
         x = self.cf_vectors(hist_items)
