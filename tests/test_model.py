@@ -442,49 +442,49 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
     torch.testing.assert_close(scores[True], scores[False])  # zero embeddings: the same model
 
 
-def test_cf_item_offsets_start_from_the_frozen_table_and_learn_per_item(tiny_data):
-    """model.cf_item_offsets: zero offsets give the model without them; the loss reaches the
-    offsets of the items in the batch (history and candidates) and of no other item."""
-    from gensr_ray.model.gensr import gensr_loss
-
-    logits = {}
-    for offsets in (False, True):
-        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train",
-                                                    {"model.cf_item_offsets": offsets})
-        out = model(batch)
-        logits[offsets] = out["logits"].detach()
-    loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
-    loss.backward()
-    touched = torch.zeros(model.cf_offsets.num_embeddings, dtype=torch.bool)
-    touched[batch["target_item"]] = True
-    touched[batch["hist_items"][batch["hist_mask"]]] = True
-    moved = model.cf_offsets.weight.grad.abs().sum(1) > 0
-    assert moved.any() and not (moved & ~touched).any()
-    torch.testing.assert_close(logits[True], logits[False])
-
-
-def test_item_popularity_starts_from_the_frozen_table_and_learns_per_bucket(tiny_data):
-    """model.item_popularity: the buckets double with the train count; zero embeddings give
-    the model without them; the loss reaches the buckets of the batch's items and no other."""
+def test_popularity_buckets_double_with_the_train_count(tiny_data):
+    from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.gensr import POPULARITY_BUCKETS, gensr_loss, popularity_buckets
+    from gensr_ray.model.gensr import POPULARITY_BUCKETS, popularity_buckets
 
     assert popularity_buckets(torch.tensor([0, 1, 2, 3, 4, 7, 8, 10**9])).tolist() == [
         0, 1, 1, 2, 2, 3, 3, POPULARITY_BUCKETS - 1]
-    logits = {}
-    for popularity in (False, True):
-        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train",
-                                                    {"model.item_popularity": popularity})
-        out = model(batch)
-        logits[popularity] = out["logits"].detach()
+    cfg = apply_overrides(GenSRConfig(), {"data.path": str(tiny_data),
+                                          "model.backbone": "preset:tiny-llama",
+                                          "model.item_popularity": True})
+    model, _ = build_model(cfg, resolve_config_backbone(cfg))
     counts = contract.train_item_counts(tiny_data, model.cf_items.shape[0])
     assert model.item_counts.tolist() == counts.tolist() and counts.sum() > 0
+
+
+# each per-item switch of the CF view: (its module, the rows an item reaches in it)
+_ITEM_SWITCHES = {
+    "model.cf_item_offsets": ("cf_offsets", lambda model, items: items),
+    "model.item_popularity": ("popularity", lambda model, items: model.item_buckets[items]),
+}
+
+
+@pytest.mark.parametrize("switch", list(_ITEM_SWITCHES))
+def test_per_item_cf_switches_start_from_the_frozen_table_and_learn_from_the_batch(tiny_data,
+                                                                                   switch):
+    """model.cf_item_offsets (a vector per item) and model.item_popularity (a vector per
+    popularity bucket): zero at first they give the model without them; the loss reaches the
+    rows of the batch's items (history and candidates) and no other."""
+    from gensr_ray.model.gensr import gensr_loss
+
+    logits = {}
+    for on in (False, True):
+        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train", {switch: on})
+        out = model(batch)
+        logits[on] = out["logits"].detach()
     loss, _ = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
     loss.backward()
+    name, rows = _ITEM_SWITCHES[switch]
+    table = getattr(model, name)
     items = torch.cat([batch["target_item"], batch["hist_items"][batch["hist_mask"]]])
-    touched = torch.zeros(POPULARITY_BUCKETS, dtype=torch.bool)
-    touched[model.item_buckets[items]] = True
-    moved = model.popularity.weight.grad.abs().sum(1) > 0
+    touched = torch.zeros(table.num_embeddings, dtype=torch.bool)
+    touched[rows(model, items)] = True
+    moved = table.weight.grad.abs().sum(1) > 0
     assert moved.any() and not (moved & ~touched).any()
     torch.testing.assert_close(logits[True], logits[False])
 
