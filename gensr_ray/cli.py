@@ -162,6 +162,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     from gensr_ray.atomic import atomic_write_text
     from gensr_ray.eval.compare import (
+        add_against,
         by_popularity,
         compare_runs,
         format_breakdown,
@@ -172,6 +173,8 @@ def _compare(args: argparse.Namespace) -> None:
     if args.out:
         _check_writable(args.out)
     runs = load_results(args.results)
+    if args.against:
+        add_against(runs, args.results, load_results(args.against), args.against, args.model)
     result = compare_runs(runs, args.results, args.model, args.metric, args.resamples)
     table = format_comparison(result)
     if args.data is not None:
@@ -416,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", type=Path,
                    help="gensr eval --out files, one per run, of the same split and examples")
     p.add_argument("--model", default="gensr", help="the model compared (default gensr)")
+    p.add_argument("--against", nargs="+", type=Path, default=[], metavar="RESULTS",
+                   help="other runs of the model (e.g. before a config change), one per run "
+                        "in the same seed order: compared as the model 'against', paired per "
+                        "example")
     p.add_argument("--metric", default="NDCG@10",
                    help="per-example metric of the paired comparison: HR@K or NDCG@K")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")

@@ -81,6 +81,31 @@ def test_the_command_writes_json_and_markdown_and_refuses_runs_on_other_candidat
     assert f"{bad}: sasrec's rec ranks differ from {same[0]}'s" in err
 
 
+def test_runs_are_compared_against_other_runs_of_the_model_seed_by_seed(tmp_path, capsys):
+    """--against: before and after a change of config, each seed's run against the same
+    seed's earlier one, paired per example; their ranks differ by seed, as a model's do."""
+    before = [{t: [r + shift for r in rs] for t, rs in BASELINE.items()} for shift in (0, 4)]
+    after = [{t: [max(0, r - 1) for r in rs] for t, rs in ranks.items()} for ranks in before]
+    (tmp_path / "after").mkdir()
+    (tmp_path / "before").mkdir()
+    new = _write(tmp_path / "after", [_results(r) for r in after])
+    old = _write(tmp_path / "before", [_results(r) for r in before])
+    out = tmp_path / "cmp.json"
+    assert main(["compare", *map(str, new), "--against", *map(str, old), "--out", str(out),
+                 "--resamples", "500"]) == 0
+    result = json.loads(out.read_text())
+    for task in ("search", "rec"):
+        gain = np.mean([_ndcg(a[task]) - _ndcg(b[task]) for a, b in zip(after, before)])
+        paired = result["paired"]["against"][task]
+        assert paired["difference"] == pytest.approx(gain) and gain > 0
+        assert paired["seeds"] == 2 and paired["examples"] == 8
+        assert result["table"]["against"][task]["NDCG@10"]["runs"] == pytest.approx(
+            [_ndcg(b[task]) for b in before])
+    assert "| against |" in capsys.readouterr().out
+    assert main(["compare", *map(str, new), "--against", str(old[0])]) == 2
+    assert "--against: 1 results files for 2 runs" in capsys.readouterr().err
+
+
 def test_unreadable_or_incomplete_files_are_named(tmp_path, capsys):
     [good] = _write(tmp_path, [_results(BASELINE)])
     broken = tmp_path / "broken.json"

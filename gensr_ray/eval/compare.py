@@ -40,6 +40,28 @@ def load_results(paths: list[Path]) -> list[dict]:
     return runs
 
 
+AGAINST = "against"  # the model name the --against runs' ranks take in the comparison
+
+
+def add_against(runs: list[dict], paths: list[Path], against: list[dict],
+                against_paths: list[Path], model: str = "gensr") -> None:
+    """Put each `against` run's `model` ranks beside the run of the same position as a model
+    named AGAINST (the same seeds in the same order pair them): the compared runs against
+    other runs of the same model, e.g. before and after a change of config, paired per
+    example as every baseline is."""
+    if len(against) != len(runs):
+        raise CompareError(f"--against: {len(against)} results files for {len(runs)} runs; "
+                           "give one per run, in the same seed order")
+    for path, run, other_path, other in zip(paths, runs, against_paths, against):
+        if model not in other["sampled_ranks"]:
+            raise CompareError(f"{other_path}: no {model!r} ranks to compare {path} against")
+        if other.get("split") != run.get("split") or other.get("subset") != run.get("subset"):
+            raise CompareError(f"{other_path}: split/subset {other.get('split')}/"
+                               f"{other.get('subset')}, {path}: {run.get('split')}/"
+                               f"{run.get('subset')}")
+        run["sampled_ranks"][AGAINST] = other["sampled_ranks"][model]
+
+
 def compare_runs(runs: list[dict], paths: list[Path], model: str = "gensr",
                  metric: str = "NDCG@10", resamples: int = 10_000, seed: int = 0) -> dict:
     """`model`'s runs (one results file each, in `paths` order) against every other model
@@ -71,6 +93,8 @@ def compare_runs(runs: list[dict], paths: list[Path], model: str = "gensr",
                 raise CompareError(f"{path}: {n} {task} examples, {first}: {n0}: these runs "
                                    "did not rank the same examples")
         for other in others:  # deterministic baselines: the same ranks, or other candidates
+            if other == AGAINST:  # other runs of the model: their ranks differ by seed
+                continue
             for task in run["sampled_ranks"][other]:
                 if run["sampled_ranks"][other][task] != runs[0]["sampled_ranks"][other].get(task):
                     raise CompareError(
