@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gensr", help="the model compared (default gensr)")
     p.add_argument("--against", nargs="+", type=Path, default=[], metavar="RESULTS",
                    help="other runs of the model (e.g. before a config change), one per run "
-                        "in the same seed order: compared as the model 'against', paired per "
+                        "in the same seed order: compared as the model 'against runs', paired per "
                         "example")
     p.add_argument("--metric", default="NDCG@10",
                    help="per-example metric of the paired comparison: HR@K or NDCG@K")

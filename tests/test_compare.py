@@ -96,12 +96,12 @@ def test_runs_are_compared_against_other_runs_of_the_model_seed_by_seed(tmp_path
     result = json.loads(out.read_text())
     for task in ("search", "rec"):
         gain = np.mean([_ndcg(a[task]) - _ndcg(b[task]) for a, b in zip(after, before)])
-        paired = result["paired"]["against"][task]
+        paired = result["paired"]["against runs"][task]
         assert paired["difference"] == pytest.approx(gain) and gain > 0
         assert paired["seeds"] == 2 and paired["examples"] == 8
-        assert result["table"]["against"][task]["NDCG@10"]["runs"] == pytest.approx(
+        assert result["table"]["against runs"][task]["NDCG@10"]["runs"] == pytest.approx(
             [_ndcg(b[task]) for b in before])
-    assert "| against |" in capsys.readouterr().out
+    assert "| against runs (2 runs, mean ± sd) |" in capsys.readouterr().out
     assert main(["compare", *map(str, new), "--against", str(old[0])]) == 2
     assert "--against: 1 results files for 2 runs" in capsys.readouterr().err
 

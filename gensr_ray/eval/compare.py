@@ -40,7 +40,7 @@ def load_results(paths: list[Path]) -> list[dict]:
     return runs
 
 
-AGAINST = "against"  # the model name the --against runs' ranks take in the comparison
+AGAINST = "against runs"  # the model name the --against runs' ranks take in the comparison
 
 
 def add_against(runs: list[dict], paths: list[Path], against: list[dict],
@@ -136,13 +136,14 @@ def format_comparison(result: dict) -> str:
     head = ["model"] + [f"{task} {m}" for task in tasks for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, per_task in result["table"].items():
-        cells = [f"{name} ({runs} runs, mean ± sd)" if name == model and runs > 1 else name]
+        spread = name in (model, AGAINST) and runs > 1  # the others are deterministic
+        cells = [f"{name} ({runs} runs, mean ± sd)" if spread else name]
         for task in tasks:
             for m in METRICS:
                 value = per_task.get(task, {}).get(m)
                 if value is None:
                     cells.append("-")
-                elif name == model and runs > 1:
+                elif spread:
                     cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}")
                 else:
                     cells.append(f"{value['mean']:.4f}")
