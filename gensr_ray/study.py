@@ -138,12 +138,19 @@ def _check_same_sweep(experiment: Path, sweep: Sweep) -> None:
     """A resumed study's trials run the overrides it started with: refuse another sweep file."""
     import ray.tune
 
-    ran = {json.dumps(t.config.get("overrides"), sort_keys=True)
-           for t in ray.tune.ExperimentAnalysis(str(experiment)).trials}
+    trials = ray.tune.ExperimentAnalysis(str(experiment)).trials
+    ran = {json.dumps(t.config.get("overrides"), sort_keys=True) for t in trials}
     if ran != {json.dumps(sweep.trials, sort_keys=True)}:
         raise ConfigError(f"{experiment}: the study ran other trials than sweep "
-                          f"{sweep.name!r} lists now; resume it with the sweep file it started "
-                          "with, or start a new study in another --out")
+                          f"{sweep.name!r} lists now; resume it with the sweep file (and "
+                          "--trials) it started with, or start a new study in another --out")
+    # Tune restores the seeds it started with: other seeds now would be silently ignored
+    seeds = {t.config.get("seed") for t in trials}
+    if seeds != (set(sweep.seeds) or {None}):
+        started = sorted(s for s in seeds if s is not None)
+        raise ConfigError(f"{experiment}: the study started with seeds {started or 'none'}, "
+                          f"not {sweep.seeds or 'none'}; resume it with the seeds (--seeds) it "
+                          "started with, or start a new study in another --out")
 
 
 def _new_tuner(cfg: GenSRConfig, sweep: Sweep, trainable, concurrency: int, out: Path):

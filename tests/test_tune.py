@@ -16,6 +16,7 @@ from gensr_ray.cli import main
 from gensr_ray.config import ConfigError, apply_overrides, load_config
 from gensr_ray.eval.paired import per_example
 from gensr_ray.study import load_sweep, report_study, run_study
+from gensr_ray.sweep import select
 
 ROOT = Path(__file__).parent.parent
 
@@ -64,7 +65,8 @@ def test_a_study_stops_a_trial_early_resumes_a_failed_one_and_is_diagnosed(ray_c
         "data.path": str(data), "train.max_steps": 6, "train.log_every": 3,
         "train.eval_every": 2, "train.eval_examples": 40, "eval.max_examples": 20,
         "train.conflict_every": 6, "train.conflict_examples": 4})
-    first = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    asha = load_sweep(sweep_file)
+    first = run_study(cfg, asha, tmp_path / "study")
     rows = {r["trial"]: r for r in first["rows"]}
     assert "error" not in rows["lambda_0"] and "later" in rows["later"]["error"]
     experiment = Path(first["experiment"])
@@ -125,6 +127,8 @@ def test_a_study_stops_a_trial_early_resumes_a_failed_one_and_is_diagnosed(ray_c
                                           "trials": {"lambda_0": {}, "other": {}}}))
     with pytest.raises(ConfigError, match="ran other trials than sweep 'asha' lists now"):
         run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
+    with pytest.raises(ConfigError, match=r"started with seeds none, not \[1, 2\]"):
+        run_study(cfg, select(asha, seeds=[1, 2]), tmp_path / "study", resume=True)
 
 
 def test_a_scheduler_needs_validation_during_training(tmp_path):
@@ -236,7 +240,6 @@ def test_a_sweep_names_seeds_and_a_reference_that_exists(tmp_path):
 
 def test_part_of_a_study_is_chosen_by_trials_and_seeds(tmp_path):
     from gensr_ray.config import ConfigError
-    from gensr_ray.sweep import select
 
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "ml100k-backbones.yaml")
     part = select(sweep, ["smollm2_L4_lora", "tiny_random"], [1, 2])
