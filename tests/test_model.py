@@ -11,7 +11,7 @@ import torch
 
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.inputs.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
-from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention
+from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention, popularity_buckets
 from gensr_ray.model.losses import answer_loss, answer_score, info_nce
 
 
@@ -445,7 +445,7 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
 def test_popularity_buckets_double_with_the_train_count(tiny_data):
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
-    from gensr_ray.model.gensr import POPULARITY_BUCKETS, popularity_buckets
+    from gensr_ray.model.gensr import POPULARITY_BUCKETS
 
     assert popularity_buckets(torch.tensor([0, 1, 2, 3, 4, 7, 8, 10**9])).tolist() == [
         0, 1, 1, 2, 2, 3, 3, POPULARITY_BUCKETS - 1]
@@ -460,7 +460,8 @@ def test_popularity_buckets_double_with_the_train_count(tiny_data):
 # each per-item switch of the CF view: (its module, the rows an item reaches in it)
 _ITEM_SWITCHES = {
     "model.cf_item_offsets": ("cf_offsets", lambda model, items: items),
-    "model.item_popularity": ("popularity", lambda model, items: model.item_buckets[items]),
+    "model.item_popularity": ("popularity",
+                              lambda model, items: popularity_buckets(model.item_counts[items])),
 }
 
 

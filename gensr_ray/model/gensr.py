@@ -145,8 +145,6 @@ class GenSR(nn.Module):
                                  f"item ({cf_items.shape[0]}), got "
                                  f"{None if item_counts is None else tuple(item_counts.shape)}")
             self.register_buffer("item_counts", item_counts.long(), persistent=False)
-            self.register_buffer("item_buckets", popularity_buckets(item_counts),
-                                 persistent=False)
             self.popularity = nn.Embedding(POPULARITY_BUCKETS, cf_dim)
             nn.init.zeros_(self.popularity.weight)
         self.active_per_task = SUBSPACES[cfg.subspace][1]
@@ -171,7 +169,7 @@ class GenSR(nn.Module):
         if self.cfg.cf_item_offsets:
             x = x + self.cf_offsets(items)
         if self.cfg.item_popularity:
-            x = x + self.popularity(self.item_buckets[items])
+            x = x + self.popularity(popularity_buckets(self.item_counts[items]))
         return x
 
     def cf_encode(self, hist_items: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
