@@ -54,6 +54,7 @@ RANGES: dict[str, tuple] = {
     "model.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.cf_dim": _AT_LEAST_1, "model.cf_heads": _AT_LEAST_1, "model.sem_heads": _AT_LEAST_1,
     "loss.contrastive_weight": _NON_NEGATIVE, "loss.temperature": _POSITIVE,
+    "loss.listwise_weight": _NON_NEGATIVE,
     "train.epochs": _AT_LEAST_1,
     "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (run all epochs) or >= 1"),
     "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1, "train.lr": _POSITIVE,
@@ -151,6 +152,9 @@ class ModelConfig:
 class LossConfig:
     contrastive_weight: float = _f(0.01, "lambda of the CF/semantic InfoNCE term")
     temperature: float = _f(0.07, "InfoNCE temperature")
+    listwise_weight: float = _f(0.0, "weight of a softmax cross-entropy of each training "
+                                     "example's target against its negatives (answer "
+                                     "scores); > 0 keeps an example's rows in one batch")
     authors_layernorm: bool = _f(False, "reproduce the authors' LayerNorm after L2 "
                                         "normalisation (logits near 1e4); not a true cosine")
 

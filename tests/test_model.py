@@ -12,7 +12,8 @@ import torch
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.inputs.prompts import BLIND_QUERY, PROMPTS, SOFT_TOKENS, PromptAssembler
 from gensr_ray.model.gensr import EncoderLayer, GenSR, TargetAttention, popularity_buckets
-from gensr_ray.model.losses import answer_loss, answer_score, info_nce
+from gensr_ray.model.losses import (answer_loss, answer_score, first_rows, info_nce,
+                                    listwise_loss)
 
 
 def test_info_nce_matches_a_loop_reference():
@@ -42,6 +43,36 @@ def test_answer_loss_and_score():
     expected = -(torch.log(p_yes[0]) + torch.log(1 - p_yes[1])) / 2
     assert answer_loss(logits, label).item() == pytest.approx(expected.item())
     assert torch.equal(answer_score(logits).argsort(), p_yes.argsort())
+
+
+def test_listwise_loss_is_each_whole_examples_softmax_over_its_candidates():
+    # rows out of order, as a batch may cut them: example 7 whole (target first), example 3
+    # whole (target last), example 9 cut off before its target, example 5 its target alone
+    group = torch.tensor([7, 3, 7, 9, 3, 7, 5, 3])
+    label = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    values = [2.0, -1.0, 0.5, 4.0, 3.0, -2.0, 9.0, 1.0]
+    scores = torch.tensor(values, requires_grad=True)
+    loss = listwise_loss(scores, group, label)
+    expected = []
+    for example in (7, 3):
+        rows = [i for i in range(8) if int(group[i]) == example]
+        target = next(i for i in rows if label[i] == 1)
+        lse = math.log(sum(math.exp(values[i]) for i in rows))
+        expected.append(lse - values[target])
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    loss.backward()
+    assert scores.grad[3] == 0 and scores.grad[6] == 0  # counted examples only
+    # large scores do not overflow: the softmax is shifted by each example's maximum
+    assert torch.isfinite(listwise_loss(scores.detach() * 100, group, label))
+    # no whole example: a zero that still backpropagates
+    lone = torch.tensor([1.0, 2.0], requires_grad=True)
+    zero = listwise_loss(lone, torch.tensor([1, 2]), torch.tensor([1.0, 0.0]))
+    assert zero.item() == 0.0
+    zero.backward()
+
+
+def test_first_rows_picks_each_example_once_in_batch_order():
+    assert first_rows(torch.tensor([7, 7, 3, 7, 9, 3])).tolist() == [0, 2, 4]
 
 
 def test_target_attention_matches_a_loop_reference():

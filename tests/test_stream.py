@@ -1,13 +1,17 @@
-"""Reading training shards for Ray Data: every example once, mixed across users when seeded."""
+"""Reading training shards for Ray Data: every example once, mixed across users when seeded;
+an example's rows side by side in a batch when the listwise loss needs them."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from gensr_ray.assemble import resolve_config_backbone
+from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import WriteOptions, write_dataset
-from gensr_ray.train.dataset import EXAMPLE_COLUMNS, read_shards
+from gensr_ray.model.backbone import backbone_kind, load_tokenizer
+from gensr_ray.train.dataset import EXAMPLE_COLUMNS, epoch_batches, read_shards, training_dataset
 
 
 def test_read_shards_permutes_rows_within_a_shard_by_seed_and_keeps_every_example(tmp_path):
@@ -29,3 +33,34 @@ def test_read_shards_permutes_rows_within_a_shard_by_seed_and_keeps_every_exampl
     assert read_shards(batch, EXAMPLE_COLUMNS, seed=3).equals(shuffled)  # deterministic
     other = read_shards({"path": batch["path"], "position": np.array([1])}, EXAMPLE_COLUMNS, 3)
     assert other.column("example_id").to_pylist() != ids  # each shard its own permutation
+
+
+def _runs(example_ids: np.ndarray) -> int:
+    """How many runs of equal consecutive ids a batch has."""
+    return int(1 + np.count_nonzero(example_ids[1:] != example_ids[:-1]))
+
+
+def test_listwise_loss_keeps_each_examples_rows_side_by_side_in_a_batch(tmp_path, ray_cluster):
+    data = tmp_path / "data"
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0)), data, WriteOptions(rows_per_shard=400))
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(data), "model.backbone": "preset:tiny-llama", "model.prompt": "minimal",
+        "train.batch_size": 50, "train.negatives_per_example": 4})
+    backbone = resolve_config_backbone(cfg)
+    rows = training_dataset(cfg, load_tokenizer(backbone), backbone_kind(backbone)).materialize()
+
+    def batches(listwise: float) -> list[dict]:
+        run = apply_overrides(cfg, {"loss.listwise_weight": listwise})
+        return list(epoch_batches(rows, run, epoch=0))
+
+    grouped, mixed = batches(1.0), batches(0.0)
+    assert len(grouped) == len(mixed) > 10
+    for batch in grouped:  # 10 whole examples of 5 rows each, each target first
+        ids = batch["example_id"]
+        assert _runs(ids) == len(set(ids.tolist())) == 10
+        assert batch["label"].reshape(10, 5).tolist() == [[1.0, 0, 0, 0, 0]] * 10
+    # the default mixes rows across examples: a batch holds parts of many more examples
+    assert np.mean([len(set(b["example_id"].tolist())) for b in mixed]) > 20
+    assert any(_runs(b["example_id"]) > len(set(b["example_id"].tolist())) for b in mixed)
+    seen = np.concatenate([b["example_id"] for b in grouped])
+    assert len(set(seen.tolist())) * 5 == seen.size  # every row of an example, once

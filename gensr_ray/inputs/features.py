@@ -191,4 +191,5 @@ class Collator:
             "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
             "label": torch.tensor(np.asarray(rows["label"], dtype=np.float32)),
             "task": torch.tensor(np.asarray(rows["task"], dtype=np.int64)),
+            "example_id": torch.tensor(np.asarray(rows["example_id"], dtype=np.int64)),
         }

@@ -21,7 +21,7 @@ from torch import nn
 from gensr_ray.config import SUBSPACES as SUBSPACE_NAMES
 from gensr_ray.config import LossConfig, ModelConfig
 from gensr_ray.data.contract import TASKS
-from gensr_ray.model.losses import answer_loss, info_nce
+from gensr_ray.model.losses import answer_loss, answer_score, first_rows, info_nce, listwise_loss
 
 SUBSPACES = {
     # subspace -> (adapters created, adapters active per task)
@@ -325,15 +325,28 @@ class GenSR(nn.Module):
 
 
 def gensr_loss(out: GenSROutput, label: torch.Tensor, cfg: LossConfig,
-               model_cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
-    """Answer cross-entropy + lambda * InfoNCE(CF history, semantic history)."""
+               model_cfg: ModelConfig, example_id: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """Answer cross-entropy + lambda * InfoNCE(CF history, semantic history), plus, with
+    `loss.listwise_weight`, a softmax over each example's candidates (needs `example_id`)."""
     # in fp32 whatever the compute dtype: the softmaxes of both terms lose too much in bf16
-    ce = answer_loss(out["logits"].float(), label)
+    logits = out["logits"].float()
+    ce = answer_loss(logits, label)
     total = ce
     parts = {"loss_answer": ce.detach()}
+    grouped = cfg.listwise_weight > 0
+    if grouped:
+        if example_id is None:
+            raise ValueError("loss.listwise_weight needs the rows' example ids")
+        lw = listwise_loss(answer_score(logits), example_id, label)
+        total = total + cfg.listwise_weight * lw
+        parts["loss_listwise"] = lw.detach()
     if cfg.contrastive_weight > 0 and model_cfg.use_cf and model_cfg.use_sem:
-        cl = info_nce(out["cf_hist"].float(), out["sem_hist"].float(), cfg.temperature,
-                      cfg.authors_layernorm)
+        cf_hist, sem_hist = out["cf_hist"].float(), out["sem_hist"].float()
+        if grouped:  # an example's rows share one history: each would be its own negative
+            once = first_rows(example_id)
+            cf_hist, sem_hist = cf_hist[once], sem_hist[once]
+        cl = info_nce(cf_hist, sem_hist, cfg.temperature, cfg.authors_layernorm)
         total = total + cfg.contrastive_weight * cl
         parts["loss_contrastive"] = cl.detach()
     parts["loss"] = total.detach()

@@ -194,7 +194,8 @@ def measure_batch(cfg, strategy, engine, encoder, collate, batch: dict) -> dict:
         share = {k: v[rank::world] for k, v in batch[task].items()}
         rows = encoder.encode(share, negatives_per_example=cfg.train.negatives_per_example)
         inputs = strategy.to_device(collate(rows))
-        loss, _ = gensr_loss(engine(inputs), inputs["label"], cfg.loss, cfg.model)
+        loss, _ = gensr_loss(engine(inputs), inputs["label"], cfg.loss, cfg.model,
+                             inputs["example_id"])
         strategy.backward(loss)
         grads[task] = _gradients(params, partitioned)
         engine.optimizer.zero_grad()

@@ -8,7 +8,7 @@ import json
 
 from gensr_ray import storage
 
-LOSSES = ("loss", "loss_answer", "loss_contrastive")
+LOSSES = ("loss", "loss_answer", "loss_listwise", "loss_contrastive")
 VALIDATION = ("val/search/NDCG@10", "val/rec/NDCG@10", "val/mean/NDCG@10")
 
 

@@ -88,3 +88,18 @@ def training_dataset(cfg: GenSRConfig, tokenizer, kind: str):
     return ds.map_batches(encode_examples, batch_size=256, batch_format="numpy",
                           num_cpus=DATA_TASK_CPUS,
                           fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "kind": kind})
+
+
+def epoch_batches(rows, cfg: GenSRConfig, epoch: int):
+    """One epoch of a worker's micro-batches of pointwise rows (numpy) from `rows`, its
+    dataset shard (or any Ray Dataset).
+
+    Rows are mixed in a local buffer, seeded per epoch, unless `loss.listwise_weight` needs
+    an example's rows side by side as `encode_examples` writes them; examples stay shuffled
+    within and across shards either way.
+    """
+    mix = cfg.data.shuffle_seed >= 0 and cfg.loss.listwise_weight == 0
+    return rows.iter_batches(
+        batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=4 * cfg.train.batch_size if mix else None,
+        local_shuffle_seed=cfg.data.shuffle_seed + epoch if mix else None)

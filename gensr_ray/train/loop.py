@@ -14,6 +14,7 @@ from gensr_ray.data.contract import local_root
 from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
 from gensr_ray.train.conflict import conflict_metrics, measure_batch, seeded_batches
+from gensr_ray.train.dataset import epoch_batches
 from gensr_ray.train.strategy import Strategy
 from gensr_ray.train.validation import BestTracker, Validator
 
@@ -79,17 +80,13 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
     clock = _InputClock()  # how much of each report window was spent waiting for rows
     for epoch in range(first_epoch, cfg.train.epochs):
         micro = 0
-        batches = shard.iter_batches(
-            batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=None if cfg.data.shuffle_seed < 0 else 4 * cfg.train.batch_size,
-            local_shuffle_seed=None if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed + epoch)
-        for rows in clock.timed(batches):
+        for rows in clock.timed(epoch_batches(shard, cfg, epoch)):
             micro += 1
             if epoch == first_epoch and micro <= skip:
                 continue  # resumed mid-epoch: these micro-batches were trained on already
             batch = strategy.to_device(collate(rows))
             out = engine(batch)
-            loss, parts = gensr_loss(out, batch["label"], cfg.loss, cfg.model)
+            loss, parts = gensr_loss(out, batch["label"], cfg.loss, cfg.model, batch["example_id"])
             strategy.backward(loss)
             for key, value in parts.items():
                 window[key] = window.get(key, 0.0) + float(value) / cfg.train.grad_accum

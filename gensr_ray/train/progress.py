@@ -23,7 +23,7 @@ def describe(row: dict, validation: tuple[str, float, int] | None) -> str:
     """One report as a line: loss parts, rows/s, the last validation metric."""
     parts = [f"loss {row['loss']:.4f}"] if "loss" in row else []
     inner = [f"{name.removeprefix('loss_')} {row[name]:.4f}"
-             for name in ("loss_answer", "loss_contrastive") if name in row]
+             for name in ("loss_answer", "loss_listwise", "loss_contrastive") if name in row]
     if inner:
         parts[-1] += f" ({', '.join(inner)})"
     if "rows_per_s" in row:
