@@ -152,14 +152,15 @@ def test_pretrain_cf_names_a_device_torch_does_not_know(tmp_path, capsys):
     assert not (data / "cf" / "lightgcn.npz").exists()  # refused before any training
 
 
-def test_hand_written_gradient_matches_autograd_on_the_dense_adjacency():
+@pytest.mark.parametrize("layers", [1, 2, 3])  # no scratch hop, one, both in turn
+def test_hand_written_gradient_matches_autograd_on_the_dense_adjacency(layers):
     """One BPR step's loss and ego gradient against autograd through the dense matrix."""
     import torch
 
     from gensr_ray.cf.lightgcn import _BPRStep, _normalized_adjacency, _Propagation
 
     rng = np.random.default_rng(0)
-    n_users, n_items, dim, layers, reg = 7, 11, 5, 2, 0.1
+    n_users, n_items, dim, reg = 7, 11, 5, 0.1
     pairs = np.unique(np.stack([rng.integers(0, n_users - 1, 40),  # the last user has no edge
                                 rng.integers(0, n_items, 40)], axis=1), axis=0)
     sparse = _normalized_adjacency(pairs[:, 0], pairs[:, 1], n_users, n_items)
