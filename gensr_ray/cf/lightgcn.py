@@ -167,11 +167,7 @@ class _Propagation:
     def __call__(self, x, out):
         out.copy_(x)
         current = x
-        for layer in range(self.layers):
-            if layer + 1 == self.layers:
-                # the last hop feeds only the sum: accumulated into out by the product itself
-                out.addmm_(self.adjacency, current)
-                break
+        for layer in range(self.layers - 1):
             hop = self.hops[layer % 2]
             # addmm_ with beta=0 writes in place (ignoring the old contents, NaN included);
             # torch.mm(..., out=hop) computes into a fresh table and copies it over: 2.5x
@@ -179,6 +175,9 @@ class _Propagation:
             hop.addmm_(self.adjacency, current, beta=0)
             out.add_(hop)
             current = hop
+        if self.layers:
+            # the last hop feeds only the sum: accumulated into out by the product itself
+            out.addmm_(self.adjacency, current)
         return out.mul_(1.0 / (self.layers + 1))
 
 
