@@ -1,6 +1,7 @@
 """What a run prints: by default the driver's own lines and progress displays, with the
 libraries' notices below warnings hidden and the workers' output left in Ray's log files
-(/tmp/ray/session_latest/logs); `-v` shows everything, at debug level.
+(/tmp/ray/session_latest/logs); `-v` shows everything, at debug level, less matplotlib's
+font matching (a line per installed font each time a figure picks one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def configure(verbose: bool) -> None:
     _verbose = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a report.png or a curve plot logs hundreds of font scores at debug level: noise, even in -v
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.INFO)
     if verbose:
         return
     for name in _LIBRARIES:

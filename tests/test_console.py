@@ -51,6 +51,18 @@ def test_the_libraries_notices_are_hidden_and_the_drivers_lines_kept():
     assert "is illegal" not in err and "tune chatter" not in err
 
 
+def test_verbose_shows_debug_lines_but_not_matplotlib_font_matching():
+    code = ("import logging; from gensr_ray import console; console.configure(True); "
+            "logging.getLogger('matplotlib.font_manager').debug('findfont: score 10.05'); "
+            "logging.getLogger('matplotlib.font_manager').warning('a font is missing'); "
+            "logging.getLogger('ray.tune').debug('tune detail'); "
+            "logging.getLogger('gensr_ray.cf.lightgcn').debug('lightgcn epoch 1/1')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert "tune detail" in err and "lightgcn epoch 1/1" in err and "a font is missing" in err
+    assert "findfont" not in err
+
+
 def test_ray_data_s_console_keeps_its_warnings_less_two_notices():
     """Ray Data's own console handler: a GPU scoring pool's num_cpus + num_gpus notice and the
     progress-bar notice are hidden, its other warnings kept."""
