@@ -31,6 +31,7 @@ SPLITS = ("valid", "test")
 FAISS_INDEXES = ("flat", "ivf")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+NEGATIVE_SOURCES = ("stored", "fresh")
 LR_SCHEDULES = ("constant", "cosine")
 # What validation during training reports (sampled protocol, valid split): train.best_metric
 # names one of them
@@ -173,6 +174,9 @@ class TrainConfig:
                                       "train.max_steps, which it needs)", choices=LR_SCHEDULES)
     grad_clip: float = _f(1.0, "gradient clipping norm")
     negatives_per_example: int = _f(4, "stored negatives used per training example (<= 4)")
+    negatives: str = _f("stored", "stored: every epoch trains on the negatives prepare stored | "
+                                  "fresh: each epoch draws its own, by the same rule (items "
+                                  "the user never touched)", choices=NEGATIVE_SOURCES)
     conflict_every: int = _f(0, "every N steps, the search/rec gradient cosine on one fixed "
                                 "seeded batch (conflict/* metrics; 0: off; needs grad_accum "
                                 "1); `gensr diagnose` measures a checkpoint")

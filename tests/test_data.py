@@ -13,6 +13,7 @@ from gensr_ray.data import contract
 from gensr_ray.data.contract import DataError
 from gensr_ray.data.movielens import MovieLensOptions, load_ml100k
 from gensr_ray.data.queries import query_from_path
+from gensr_ray.data.sampling import draw_outside, sample_unseen
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
 
@@ -464,3 +465,18 @@ class _IdScorer:
 
     def retrieve(self, batch, k, exclude_per_example):
         return np.tile(np.arange(119, 119 - k, -1), (len(batch["target"]), 1))
+
+
+def test_negatives_drawn_outside_a_users_items_and_the_users_who_leave_none():
+    n_items = 50
+    # user 0 touched the even items, user 1 every item, user 2 none
+    keys = np.sort(np.concatenate([np.arange(0, n_items, 2), n_items + np.arange(n_items)]))
+    users = np.array([0] * 500 + [1] * 3 + [2] * 500)
+    drawn, clashing = draw_outside(np.random.default_rng(0), users, keys, n_items)
+    assert clashing.tolist() == [500, 501, 502]  # no item left for user 1
+    assert (drawn[:500] % 2 == 1).all() and len(set(drawn[:500].tolist())) == 25
+    assert len(set(drawn[503:].tolist())) > 40 and 0 <= drawn.min() and drawn.max() < n_items
+    with pytest.raises(DataError, match="some user has interacted with almost every item"):
+        sample_unseen(np.random.default_rng(0), users, keys, n_items)
+    ok = np.r_[0:500, 503:1003]
+    assert (sample_unseen(np.random.default_rng(1), users[ok], keys, n_items)[:500] % 2 == 1).all()

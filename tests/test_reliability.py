@@ -181,11 +181,14 @@ def test_damaged_latest_checkpoint_falls_back_and_changed_tables_are_refused(
 
 
 def test_local_mode_resumes_from_its_own_checkpoint(ray_cluster, dataset, tmp_path):
-    cfg = _config(dataset, **{"train.max_steps": 2, "scale.num_workers": 0})
+    # with fresh negatives: the worker redraws each batch's negatives before it trains on them
+    cfg = _config(dataset, **{"train.max_steps": 2, "scale.num_workers": 0,
+                              "train.negatives": "fresh"})
     out = tmp_path / "local"
     run_training(cfg, out)
     resumed = run_training(apply_overrides(cfg, {"train.max_steps": 4}), out)
     assert resumed["metrics"]["step"] == 4 and resumed["metrics"]["resumed_from"] == 2
+    assert resumed["metrics"]["negatives_kept_stored"] == 0
     run_dir = Path(run_location(cfg, out).run_dir)
     assert Path(resumed["checkpoint"]).parent == run_dir
 

@@ -1,5 +1,6 @@
 """Reading training shards for Ray Data: every example once, mixed across users when seeded;
-an example's rows side by side in a batch when the listwise loss needs them."""
+an example's rows side by side in a batch when the listwise loss needs them; fresh negatives
+drawn per epoch in the worker."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import WriteOptions, write_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
+from gensr_ray.inputs.build import build_features
 from gensr_ray.train.dataset import EXAMPLE_COLUMNS, epoch_batches, read_shards, training_dataset
+from gensr_ray.train.negatives import FreshNegatives
 
 
 def test_read_shards_permutes_rows_within_a_shard_by_seed_and_keeps_every_example(tmp_path):
@@ -64,3 +67,49 @@ def test_listwise_loss_keeps_each_examples_rows_side_by_side_in_a_batch(tmp_path
     assert any(_runs(b["example_id"]) > len(set(b["example_id"].tolist())) for b in mixed)
     seen = np.concatenate([b["example_id"] for b in grouped])
     assert len(set(seen.tolist())) * 5 == seen.size  # every row of an example, once
+
+
+def test_fresh_negatives_are_untouched_items_with_their_own_prompts_drawn_per_epoch(
+        tmp_path, ray_cluster):
+    data = tmp_path / "data"
+    write_dataset(generate_synthetic(SyntheticOptions(seed=0)), data, WriteOptions(rows_per_shard=400))
+    cfg = apply_overrides(GenSRConfig(), {
+        "data.path": str(data), "model.backbone": "preset:tiny-llama", "model.prompt": "minimal",
+        "train.batch_size": 200, "train.negatives": "fresh"})
+    backbone = resolve_config_backbone(cfg)
+    tokenizer, kind = load_tokenizer(backbone), backbone_kind(backbone)
+    batch = next(iter(epoch_batches(training_dataset(cfg, tokenizer, kind), cfg, epoch=0)))
+    stored = batch["target"].copy()
+    encoder, _ = build_features(cfg, tokenizer, kind)
+    fresh = FreshNegatives(data, encoder, seed=7, rank=0)
+    drawn = fresh.redraw(batch, epoch=0, micro=1)
+
+    assert (batch["target"] == stored).all()  # the worker's batch is not written into
+    positive, negative = batch["label"] == 1, batch["label"] == 0
+    assert positive.sum() > 10 and negative.sum() > 100
+    assert (drawn["target"][positive] == stored[positive]).all()
+    assert np.mean(drawn["target"][negative] != stored[negative]) > 0.9
+    interactions = contract.read_table(contract.interactions_dir(data))
+    touched = set(zip(interactions.column("user_id").to_pylist(),
+                      interactions.column("item_id").to_pylist()))
+    for user, item in zip(batch["user_id"][negative].tolist(), drawn["target"][negative].tolist()):
+        assert (user, item) not in touched
+    # each rebuilt row is what the encoder writes for its example with that candidate
+    examples = contract.read_table(contract.examples_dir(data, "train")).to_pandas()
+    examples = examples.set_index("example_id", drop=False)
+    tasks = set()
+    for r in np.flatnonzero(negative)[:40].tolist():
+        example = examples.loc[[int(batch["example_id"][r])]]
+        assert int(example["user_id"].iloc[0]) == int(batch["user_id"][r])
+        expected = encoder.encode({k: example[k].to_numpy() for k in example.columns},
+                                  candidates=np.array([[drawn["target"][r]]]))
+        assert list(drawn["prompt_ids"][r]) == expected["prompt_ids"][0]
+        assert list(drawn["prompt_slots"][r]) == expected["prompt_slots"][0]
+        tasks.add(example["task"].iloc[0])
+    assert tasks == {"search", "rec"}  # search rows carry their query into the new prompt
+    # seeded by the epoch and the micro-batch: the same again, another epoch another draw
+    again = fresh.redraw(batch, epoch=0, micro=1)
+    assert (again["target"] == drawn["target"]).all()
+    later = fresh.redraw(batch, epoch=1, micro=1)
+    assert np.mean(later["target"][negative] != drawn["target"][negative]) > 0.9
+    assert fresh.kept == 0

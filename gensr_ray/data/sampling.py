@@ -4,7 +4,9 @@
   touched; fewer when the user touched nearly the whole catalogue), drawn once when a dataset
   is written;
 - `sample_unseen`: one negative per training edge for pairwise losses (LightGCN's BPR,
-  SASRec), outside the user's training items, vectorised over edges.
+  SASRec), outside the user's training items, vectorised over edges;
+- `draw_outside`: its core, which also serves GenSR's fresh negatives per epoch
+  (gensr_ray.train.negatives).
 """
 
 from __future__ import annotations
@@ -43,14 +45,31 @@ def sample_unseen(
 
     seen_keys: sorted user * n_items + item keys of the train edges.
     """
+    negatives, clashing = draw_outside(rng, users, seen_keys, n_items)
+    if clashing.size:
+        raise DataError("could not sample BPR negatives: some user has interacted with almost "
+                        "every item")
+    return negatives
+
+
+def draw_outside(rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray,
+                 n_items: int, rounds: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """One uniform item per user outside the user's keys (sorted user * n_items + item), by
+    rejection, vectorised; and the positions still clashing after `rounds` redraws (users
+    who touched nearly the whole catalogue), whose items are then ones the user touched."""
+    users = np.asarray(users, dtype=np.int64)
     negatives = rng.integers(0, n_items, size=users.size)
     todo = np.arange(users.size)
-    for _ in range(100):
+    for _ in range(rounds):
         keys = users[todo] * n_items + negatives[todo]
         pos = np.searchsorted(seen_keys, keys)
         clash = seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys
         todo = todo[clash]
         if todo.size == 0:
-            return negatives
+            break
         negatives[todo] = rng.integers(0, n_items, size=todo.size)
-    raise DataError("could not sample BPR negatives: some user has interacted with almost every item")
+    else:
+        keys = users[todo] * n_items + negatives[todo]
+        pos = np.searchsorted(seen_keys, keys)
+        todo = todo[seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys]
+    return negatives, todo

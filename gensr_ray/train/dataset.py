@@ -15,7 +15,7 @@ from gensr_ray.config import GenSRConfig
 from gensr_ray.data import contract
 from gensr_ray.inputs.build import build_features
 
-EXAMPLE_COLUMNS = ["example_id", "task", "query", "history", "target", "negatives"]
+EXAMPLE_COLUMNS = ["example_id", "user_id", "task", "query", "history", "target", "negatives"]
 # CPUs each read / tokenize task asks for. Ray Data only schedules its tasks on CPUs that
 # the trainer's workers leave free (or on a Tune trial's data bundle), and tokenizing is
 # light; asking for less than a whole CPU leaves room on small machines.
@@ -34,11 +34,18 @@ def _encoder(cfg: GenSRConfig, tokenizer, kind: str):
 
 def encode_examples(batch: dict[str, np.ndarray], cfg: GenSRConfig, tokenizer, kind: str
                     ) -> pa.Table:
-    """A batch of examples -> a table of pointwise rows (map_batches function)."""
+    """A batch of examples -> a table of pointwise rows (map_batches function).
+
+    Each row keeps its example's user and query: `train.negatives=fresh` rebuilds negative
+    rows in the worker (gensr_ray.train.negatives)."""
     rows = _encoder(cfg, tokenizer, kind).encode(
         batch, negatives_per_example=cfg.train.negatives_per_example)
+    position = {int(e): i for i, e in enumerate(batch["example_id"])}
+    source = [position[e] for e in rows["example_id"]]
     return pa.table({
         "example_id": pa.array(rows["example_id"], pa.int64()),
+        "user_id": pa.array(np.asarray(batch["user_id"])[source], pa.int32()),
+        "query": pa.array([batch["query"][i] for i in source], pa.string()),
         "task": pa.array(rows["task"], pa.int8()),
         "history": pa.array(rows["history"], pa.list_(pa.int32())),
         "target": pa.array(rows["target"], pa.int32()),

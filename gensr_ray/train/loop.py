@@ -15,6 +15,7 @@ from gensr_ray.inputs.build import build_features
 from gensr_ray.model.gensr import gensr_loss
 from gensr_ray.train.conflict import conflict_metrics, measure_batch, seeded_batches
 from gensr_ray.train.dataset import epoch_batches
+from gensr_ray.train.negatives import FreshNegatives
 from gensr_ray.train.strategy import Strategy
 from gensr_ray.train.validation import BestTracker, Validator
 
@@ -56,6 +57,8 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
     conflict_batch = seeded_batches(cfg.data.path, 1, max(per_task, strategy.world_size),
                                     cfg.train.seed)[0] if cfg.train.conflict_every else None
     conflict: dict = {}
+    fresh = FreshNegatives(local_root(cfg.data.path), encoder, cfg.train.seed, strategy.rank) \
+        if cfg.train.negatives == "fresh" else None
 
     def checkpoint(metrics: dict, epoch: int, micro: int) -> bool:
         """Validate (when validation is on), then report `metrics` with a checkpoint; True
@@ -84,6 +87,8 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
             micro += 1
             if epoch == first_epoch and micro <= skip:
                 continue  # resumed mid-epoch: these micro-batches were trained on already
+            if fresh is not None:
+                rows = fresh.redraw(rows, epoch, micro)
             batch = strategy.to_device(collate(rows))
             out = engine(batch)
             loss, parts = gensr_loss(out, batch["label"], cfg.loss, cfg.model, batch["example_id"])
@@ -108,6 +113,8 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
                 metrics = _metrics(strategy, window, window_steps, step, epoch, rows_seen, started)
                 metrics["resumed_from"] = resumed_from
                 metrics["input_wait_frac"] = clock.share()
+                if fresh is not None:  # negatives no draw could replace (see FreshNegatives)
+                    metrics["negatives_kept_stored"] = fresh.kept
                 metrics.update(conflict)
                 conflict = {}
                 window.clear()
