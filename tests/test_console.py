@@ -39,26 +39,30 @@ def test_progress_follows_the_reports_of_this_run_only(tmp_path):
     assert not any(line.startswith("step 5") for line in lines)
 
 
+def _console_stderr(verbose: bool, *calls: str) -> str:
+    """What a fresh process prints after console.configure(verbose) and the logging calls."""
+    code = "; ".join(["import logging", "from gensr_ray import console",
+                      f"console.configure({verbose})", *calls])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stderr
+
+
 def test_the_libraries_notices_are_hidden_and_the_drivers_lines_kept():
-    code = ("import logging; from gensr_ray import console; console.configure(False); "
-            "logging.getLogger('tensorboardX.summary').info('Summary name a@1 is illegal'); "
-            "logging.getLogger('ray.tune').info('tune chatter'); "
-            "logging.getLogger('gensr_ray.study').info('the study line'); "
-            "logging.getLogger('ray.tune').warning('a real warning')")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stderr
+    err = _console_stderr(
+        False, "logging.getLogger('tensorboardX.summary').info('Summary name a@1 is illegal')",
+        "logging.getLogger('ray.tune').info('tune chatter')",
+        "logging.getLogger('gensr_ray.study').info('the study line')",
+        "logging.getLogger('ray.tune').warning('a real warning')")
     assert "the study line" in err and "a real warning" in err
     assert "is illegal" not in err and "tune chatter" not in err
 
 
 def test_verbose_shows_debug_lines_but_not_matplotlib_font_matching():
-    code = ("import logging; from gensr_ray import console; console.configure(True); "
-            "logging.getLogger('matplotlib.font_manager').debug('findfont: score 10.05'); "
-            "logging.getLogger('matplotlib.font_manager').warning('a font is missing'); "
-            "logging.getLogger('ray.tune').debug('tune detail'); "
-            "logging.getLogger('gensr_ray.cf.lightgcn').debug('lightgcn epoch 1/1')")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stderr
+    err = _console_stderr(
+        True, "logging.getLogger('matplotlib.font_manager').debug('findfont: score 10.05')",
+        "logging.getLogger('matplotlib.font_manager').warning('a font is missing')",
+        "logging.getLogger('ray.tune').debug('tune detail')",
+        "logging.getLogger('gensr_ray.cf.lightgcn').debug('lightgcn epoch 1/1')")
     assert "tune detail" in err and "lightgcn epoch 1/1" in err and "a font is missing" in err
     assert "findfont" not in err
 

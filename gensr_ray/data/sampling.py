@@ -60,16 +60,11 @@ def draw_outside(rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndar
     users = np.asarray(users, dtype=np.int64)
     negatives = rng.integers(0, n_items, size=users.size)
     todo = np.arange(users.size)
-    for _ in range(rounds):
-        keys = users[todo] * n_items + negatives[todo]
-        pos = np.searchsorted(seen_keys, keys)
-        clash = seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys
-        todo = todo[clash]
-        if todo.size == 0:
-            break
-        negatives[todo] = rng.integers(0, n_items, size=todo.size)
-    else:
+    for redraw in range(rounds + 1):
         keys = users[todo] * n_items + negatives[todo]
         pos = np.searchsorted(seen_keys, keys)
         todo = todo[seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys]
+        if todo.size == 0 or redraw == rounds:
+            break
+        negatives[todo] = rng.integers(0, n_items, size=todo.size)
     return negatives, todo
