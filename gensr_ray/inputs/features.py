@@ -133,16 +133,27 @@ class Collator:
                 prefix_mask[r, prefix_len - len(g["prefix_ids"]):] = 1
             hist[r, :len(g["history"])] = g["history"]
             hist_mask[r, :len(g["history"])] = True
-        sem = self.items.sem[hist].astype(np.int64)
-        sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
-            hist_mask[..., None]
         target = np.asarray([c for g in gs for c in g["candidates"]], dtype=np.int64)
-        tgt_len = self.items.target_len[target]
-        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))].astype(np.int64)
         return {
             "task": torch.tensor(gs[0]["task"]),
             "prefix_ids": torch.from_numpy(prefix),
             "prefix_mask": torch.from_numpy(prefix_mask),
+            **self._item_tensors(hist, hist_mask, target),
+            "suffix_ids": torch.from_numpy(ids),
+            "suffix_slots": torch.from_numpy(slots),
+            "suffix_mask": torch.from_numpy(mask),
+        }
+
+    def _item_tensors(self, hist: np.ndarray, hist_mask: np.ndarray,
+                      target: np.ndarray) -> dict[str, torch.Tensor]:
+        """The views' inputs: histories [n, H] with their title tokens [n, H, Lt], and the
+        targets [m] with theirs [m, Lt'] (cut to the longest target title)."""
+        sem = self.items.sem[hist].astype(np.int64)
+        sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
+            hist_mask[..., None]
+        tgt_len = self.items.target_len[target]
+        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))].astype(np.int64)
+        return {
             "hist_items": torch.from_numpy(hist),
             "hist_mask": torch.from_numpy(hist_mask),
             "hist_title_ids": torch.from_numpy(sem),
@@ -150,9 +161,6 @@ class Collator:
             "target_item": torch.from_numpy(target),
             "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
             "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
-            "suffix_ids": torch.from_numpy(ids),
-            "suffix_slots": torch.from_numpy(slots),
-            "suffix_mask": torch.from_numpy(mask),
         }
 
     def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
@@ -173,22 +181,11 @@ class Collator:
             hist[r, :len(h)] = h
             hist_mask[r, :len(h)] = True
         target = np.asarray(rows["target"], dtype=np.int64)
-        sem = self.items.sem[hist].astype(np.int64)  # [n, H, Lt]
-        sem_mask = (np.arange(sem.shape[-1]) < self.items.sem_len[hist][..., None]) & \
-            hist_mask[..., None]
-        tgt_len = self.items.target_len[target]
-        tgt = self.items.target[target][:, :max(1, int(tgt_len.max()))].astype(np.int64)
         return {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),
             "soft_slots": torch.from_numpy(slots),
-            "hist_items": torch.from_numpy(hist),
-            "hist_mask": torch.from_numpy(hist_mask),
-            "hist_title_ids": torch.from_numpy(sem),
-            "hist_title_mask": torch.from_numpy(sem_mask),
-            "target_item": torch.from_numpy(target),
-            "target_title_ids": torch.from_numpy(np.ascontiguousarray(tgt)),
-            "target_title_mask": torch.from_numpy(np.arange(tgt.shape[1]) < tgt_len[:, None]),
+            **self._item_tensors(hist, hist_mask, target),
             "label": torch.tensor(np.asarray(rows["label"], dtype=np.float32)),
             "task": torch.tensor(np.asarray(rows["task"], dtype=np.int64)),
             "example_id": torch.tensor(np.asarray(rows["example_id"], dtype=np.int64)),
