@@ -61,6 +61,7 @@ RANGES: dict[str, tuple] = {
     "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1, "train.lr": _POSITIVE,
     "train.weight_decay": _NON_NEGATIVE, "train.warmup_steps": _NON_NEGATIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.negatives_per_example": _AT_LEAST_1,
+    "train.negative_popularity": _NON_NEGATIVE,
     "train.conflict_every": _NON_NEGATIVE, "train.conflict_examples": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _NON_NEGATIVE,
     "train.eval_every": _NON_NEGATIVE, "train.eval_examples": _AT_LEAST_1,
@@ -177,6 +178,10 @@ class TrainConfig:
     negatives: str = _f("stored", "stored: every epoch trains on the negatives prepare stored | "
                                   "fresh: each epoch draws its own, by the same rule (items "
                                   "the user never touched)", choices=NEGATIVE_SOURCES)
+    negative_popularity: float = _f(0.0, "with negatives=fresh: draw an item with probability "
+                                         "proportional to (its training interactions + 1) to "
+                                         "this power (0: uniform, as stored; 1: as popular as "
+                                         "the positives)")
     conflict_every: int = _f(0, "every N steps, the search/rec gradient cosine on one fixed "
                                 "seeded batch (conflict/* metrics; 0: off; needs grad_accum "
                                 "1); `gensr diagnose` measures a checkpoint")
@@ -319,6 +324,11 @@ def from_dict(data: dict, cls: type = GenSRConfig, where: str = "") -> Any:
             config.model.prompt != "task_free":
         raise ConfigError("model.kind=discriminative reads the task-free input: set "
                           f"model.prompt=task_free (got model.prompt={config.model.prompt!r})")
+    if cls is GenSRConfig and config.train.negative_popularity and \
+            config.train.negatives != "fresh":
+        raise ConfigError("train.negative_popularity weights the draws of fresh negatives: set "
+                          f"train.negatives=fresh (got train.negatives="
+                          f"{config.train.negatives!r})")
     if cls is GenSRConfig and config.model.authors_splice_bug and config.model.prompt != "authors":
         raise ConfigError("model.authors_splice_bug=true applies to model.prompt=authors only "
                           f"(got model.prompt={config.model.prompt!r})")

@@ -126,6 +126,9 @@ def test_the_choice_lists_are_what_the_modules_build():
     ("scale.num_workers=-1", "scale.num_workers=-1 is out of range: must be >= 0"),
     ("scale.zero_stage=4", "scale.zero_stage=4 is out of range: must be 0, 1, 2 or 3"),
     ("loss.temperature=0", "loss.temperature=0.0 is out of range"),
+    ("train.negative_popularity=-1", "train.negative_popularity=-1.0 is out of range"),
+    ("train.negative_popularity=0.5", "weights the draws of fresh negatives: set "
+                                      "train.negatives=fresh .got train.negatives='stored'"),
 ])
 def test_numeric_settings_are_range_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

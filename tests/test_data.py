@@ -480,3 +480,19 @@ def test_negatives_drawn_outside_a_users_items_and_the_users_who_leave_none():
         sample_unseen(np.random.default_rng(0), users, keys, n_items)
     ok = np.r_[0:500, 503:1003]
     assert (sample_unseen(np.random.default_rng(1), users[ok], keys, n_items)[:500] % 2 == 1).all()
+
+
+def test_weighted_negatives_come_up_in_proportion_to_their_weights_outside_the_users_items():
+    n_items = 50
+    keys = np.arange(0, n_items, 2)  # user 0 touched the even items; user 1 none
+    weights = np.arange(n_items, dtype=np.float64)  # item 0 never, item 49 most often
+    cumulative = np.cumsum(weights)
+    users = np.array([0] * 20_000 + [1] * 20_000)
+    drawn, clashing = draw_outside(np.random.default_rng(0), users, keys, n_items,
+                                   cumulative=cumulative)
+    assert clashing.size == 0
+    for user, allowed in ((0, np.arange(n_items) % 2 == 1), (1, np.ones(n_items, bool))):
+        share = np.bincount(drawn[users == user], minlength=n_items) / 20_000
+        expected = np.where(allowed, weights, 0) / np.where(allowed, weights, 0).sum()
+        assert np.abs(share - expected).max() < 0.01, user
+        assert share[~allowed | (weights == 0)].sum() == 0  # touched or weightless: never

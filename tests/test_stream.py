@@ -9,6 +9,7 @@ import numpy as np
 from gensr_ray.assemble import resolve_config_backbone
 from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data import contract
+from gensr_ray.data.contract import train_item_counts
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import WriteOptions, write_dataset
 from gensr_ray.model.backbone import backbone_kind, load_tokenizer
@@ -113,3 +114,15 @@ def test_fresh_negatives_are_untouched_items_with_their_own_prompts_drawn_per_ep
     later = fresh.redraw(batch, epoch=1, micro=1)
     assert np.mean(later["target"][negative] != drawn["target"][negative]) > 0.9
     assert fresh.kept == 0
+
+    # weighted by training popularity: more popular negatives, still never a touched item
+    # (the synthetic items' counts lie close together, 10-17 for 80 % of them: a steep
+    # weighting shows the shift)
+    counts = train_item_counts(data, fresh.n_items)
+    popular = FreshNegatives(data, encoder, seed=7, rank=0, popularity=8.0).redraw(
+        batch, epoch=0, micro=1)
+    assert counts[popular["target"][negative]].mean() > \
+        counts[drawn["target"][negative]].mean() + 2
+    for user, item in zip(batch["user_id"][negative].tolist(),
+                          popular["target"][negative].tolist()):
+        assert (user, item) not in touched

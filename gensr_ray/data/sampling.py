@@ -53,12 +53,23 @@ def sample_unseen(
 
 
 def draw_outside(rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray,
-                 n_items: int, rounds: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """One uniform item per user outside the user's keys (sorted user * n_items + item), by
+                 n_items: int, rounds: int = 100,
+                 cumulative: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One item per user outside the user's keys (sorted user * n_items + item), by
     rejection, vectorised; and the positions still clashing after `rounds` redraws (users
-    who touched nearly the whole catalogue), whose items are then ones the user touched."""
+    who touched nearly the whole catalogue), whose items are then ones the user touched.
+
+    Items are drawn uniformly, or with `cumulative` (the running sum of [n_items] non-negative
+    weights) in proportion to their weights."""
     users = np.asarray(users, dtype=np.int64)
-    negatives = rng.integers(0, n_items, size=users.size)
+
+    def draw(size: int) -> np.ndarray:
+        if cumulative is None:
+            return rng.integers(0, n_items, size=size)
+        picked = np.searchsorted(cumulative, rng.random(size) * cumulative[-1], side="right")
+        return np.minimum(picked, n_items - 1)
+
+    negatives = draw(users.size)
     todo = np.arange(users.size)
     for redraw in range(rounds + 1):
         keys = users[todo] * n_items + negatives[todo]
@@ -66,5 +77,5 @@ def draw_outside(rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndar
         todo = todo[seen_keys[np.minimum(pos, seen_keys.size - 1)] == keys]
         if todo.size == 0 or redraw == rounds:
             break
-        negatives[todo] = rng.integers(0, n_items, size=todo.size)
+        negatives[todo] = draw(todo.size)
     return negatives, todo

@@ -57,7 +57,8 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
     conflict_batch = seeded_batches(cfg.data.path, 1, max(per_task, strategy.world_size),
                                     cfg.train.seed)[0] if cfg.train.conflict_every else None
     conflict: dict = {}
-    fresh = FreshNegatives(local_root(cfg.data.path), encoder, cfg.train.seed, strategy.rank) \
+    fresh = FreshNegatives(local_root(cfg.data.path), encoder, cfg.train.seed, strategy.rank,
+                           cfg.train.negative_popularity) \
         if cfg.train.negatives == "fresh" else None
 
     def checkpoint(metrics: dict, epoch: int, micro: int) -> bool:

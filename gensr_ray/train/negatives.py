@@ -8,6 +8,13 @@ gensr_ray.data.writer), and rebuilds that row's prompt. Draws are seeded by the 
 the epoch, the worker's rank and the micro-batch's position in the epoch, so a resumed run
 draws what the uninterrupted one would have.
 
+`train.negative_popularity` (alpha) weights the draws: an item comes up in proportion to
+(its training interactions + 1) ** alpha. Uniform negatives (alpha 0) are mostly items few
+users touched, so the model seldom has to tell a popular target from a popular item the
+user passed over; at alpha 1 negatives are as popular as the positives, and popularity alone
+no longer separates them. Only training interactions count, so nothing of the held-out
+splits reaches training.
+
 Each worker holds the (user, item) keys of every interaction: 8 bytes per interaction.
 """
 
@@ -18,14 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from gensr_ray.data import contract
-from gensr_ray.data.contract import TASKS
+from gensr_ray.data.contract import TASKS, train_item_counts
 from gensr_ray.data.sampling import draw_outside
 
 
 class FreshNegatives:
     """Redraws the negative rows of a worker's micro-batches (numpy dicts from Ray Data)."""
 
-    def __init__(self, data_root: Path, encoder, seed: int, rank: int):
+    def __init__(self, data_root: Path, encoder, seed: int, rank: int,
+                 popularity: float = 0.0):
         table = contract.read_table(contract.interactions_dir(data_root),
                                     columns=["user_id", "item_id"])
         self.n_items = contract.read_table(contract.items_dir(data_root),
@@ -33,6 +41,8 @@ class FreshNegatives:
         users = table.column("user_id").to_numpy().astype(np.int64)
         items = table.column("item_id").to_numpy().astype(np.int64)
         self.touched = np.unique(users * self.n_items + items)  # sorted keys
+        self.cumulative = None if popularity == 0 else np.cumsum(
+            (train_item_counts(data_root, self.n_items) + 1.0) ** popularity)
         self.encoder, self.seed, self.rank = encoder, seed, rank
         self.kept = 0  # negatives left as stored: their user touched nearly every item
 
@@ -43,7 +53,8 @@ class FreshNegatives:
             return rows
         rng = np.random.default_rng([self.seed, epoch, self.rank, micro])
         users = np.asarray(rows["user_id"], dtype=np.int64)[negative]
-        drawn, clashing = draw_outside(rng, users, self.touched, self.n_items)
+        drawn, clashing = draw_outside(rng, users, self.touched, self.n_items,
+                                       cumulative=self.cumulative)
         keep = np.zeros(negative.size, dtype=bool)
         keep[clashing] = True
         self.kept += int(keep.sum())
