@@ -5,8 +5,8 @@
   is written;
 - `sample_unseen`: one negative per training edge for pairwise losses (LightGCN's BPR,
   SASRec), outside the user's training items, vectorised over edges;
-- `draw_outside`: its core, which also serves GenSR's fresh negatives per epoch
-  (gensr_ray.train.negatives).
+- `draw_outside`: its core, uniform or weighted per item, which also serves GenSR's fresh
+  negatives per epoch (gensr_ray.train.negatives, `train.negative_popularity`).
 """
 
 from __future__ import annotations
