@@ -54,6 +54,7 @@ RANGES: dict[str, tuple] = {
     "model.lora_r": _AT_LEAST_1, "model.lora_alpha": _POSITIVE,
     "model.lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.cf_dim": _AT_LEAST_1, "model.cf_heads": _AT_LEAST_1, "model.sem_heads": _AT_LEAST_1,
+    "model.cf_layers": _AT_LEAST_1,
     "loss.contrastive_weight": _NON_NEGATIVE, "loss.temperature": _POSITIVE,
     "loss.listwise_weight": _NON_NEGATIVE,
     "train.epochs": _AT_LEAST_1,
@@ -121,7 +122,9 @@ class ModelConfig:
     # _f gives a list default its own default_factory, which ruff cannot see
     lora_targets: list = _f(["q_proj", "v_proj"], "module names LoRA wraps (T5: q, v)")  # noqa: RUF009
     cf_dim: int = _f(64, "LightGCN embedding width")
-    cf_heads: int = _f(2, "heads of the 1-layer CF history transformer")
+    cf_heads: int = _f(2, "heads of the CF history transformer")
+    cf_layers: int = _f(1, "layers of the CF history transformer (the authors: 1; SASRec, "
+                           "which reads the same item sequence: 2)")
     sem_heads: int = _f(2, "heads of the 1-layer semantic history transformer")
     use_cf: bool = _f(True, "collaborative view (False: its soft tokens are zero vectors)")
     use_sem: bool = _f(True, "semantic view (False: its soft token is a zero vector)")

@@ -335,9 +335,11 @@ def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_dat
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("subspace, positions, offsets", [
-    ("shared_lora", False, False), ("task_lora", False, False), ("shared_lora", True, True)])
-def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions, offsets):
+@pytest.mark.parametrize("subspace, positions, offsets, cf_layers", [
+    ("shared_lora", False, False, 1), ("task_lora", False, False, 1),
+    ("shared_lora", True, True, 2)])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions, offsets,
+                                                   cf_layers):
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
     from gensr_ray.inputs.build import build_features
@@ -345,7 +347,8 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, position
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
         "model.prompt": "title_text", "model.subspace": subspace,
-        "model.history_positions": positions, "model.cf_item_offsets": offsets})
+        "model.history_positions": positions, "model.cf_item_offsets": offsets,
+        "model.cf_layers": cf_layers})
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     for p in model.parameters():  # non-zero adapters (and offsets), so routing matters
         if p.requires_grad:
@@ -471,6 +474,26 @@ def test_history_positions_tell_the_order_of_the_history(tiny_data):
                 assert not torch.allclose(model(_reversed_histories(batch))["logits"],
                                           model(batch)["logits"], atol=1e-4)
     torch.testing.assert_close(scores[True], scores[False])  # zero embeddings: the same model
+
+
+def test_cf_layers_stack_on_the_authors_layer(tiny_data):
+    """model.cf_layers=3 runs the authors' layer and two more, each of which trains; the
+    1-layer model's parameter names are kept, so its checkpoints load as before."""
+    from gensr_ray.model.gensr import gensr_loss
+
+    names = {}
+    for layers in (1, 3):
+        cfg, model, batch = _seeded_model_and_batch(tiny_data, "train",
+                                                    {"model.cf_layers": layers})
+        names[layers] = {name for name, _ in model.named_parameters()}
+    assert len(model.cf_encoder_more) == 2 and names[1] < names[3]
+    assert all(n.startswith("cf_encoder_more.") for n in names[3] - names[1])
+    loss, _ = gensr_loss(model(batch), batch["label"], cfg.loss, cfg.model)
+    loss.backward()
+    for layer in model.cf_encoder_more:
+        assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.cf_layers"):
+        apply_overrides(GenSRConfig(), {"model.cf_layers": 0})
 
 
 def test_popularity_buckets_double_with_the_train_count(tiny_data):

@@ -1,6 +1,7 @@
 """The GenSR model: two views of the history, spliced into a task prompt, one Yes/No answer.
 
-    CF view:       frozen LightGCN table -> 1-layer transformer -> target attention -> linear
+    CF view:       frozen LightGCN table -> transformer (model.cf_layers, the authors: 1)
+                   -> target attention -> linear
     semantic view: history title tokens -> the backbone's own input embeddings
                    -> 1-layer transformer -> target attention vs the candidate's mean title
     prompt:        template tokens, four positions replaced by the soft vectors
@@ -127,6 +128,9 @@ class GenSR(nn.Module):
         width = lm.get_input_embeddings().embedding_dim
         cf_dim = cf_items.shape[1]
         self.cf_encoder = EncoderLayer(cf_dim, cfg.cf_heads, 2 * cf_dim)
+        # the layers past the authors' first (none by default, so their checkpoints' names hold)
+        self.cf_encoder_more = nn.ModuleList(EncoderLayer(cf_dim, cfg.cf_heads, 2 * cf_dim)
+                                             for _ in range(cfg.cf_layers - 1))
         self.cf_attention = TargetAttention(cf_dim)
         self.cf_proj = nn.Linear(cf_dim, width)
         self.sem_encoder = EncoderLayer(width, cfg.sem_heads, 2 * width)
@@ -176,7 +180,10 @@ class GenSR(nn.Module):
         x = self.cf_vectors(hist_items)
         if self.cfg.history_positions:
             x = x + self.cf_positions(recency(hist_mask))
-        return self.cf_encoder(x, hist_mask)
+        x = self.cf_encoder(x, hist_mask)
+        for layer in self.cf_encoder_more:
+            x = layer(x, hist_mask)
+        return x
 
     def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
                 target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
