@@ -32,7 +32,7 @@ from gensr_ray.checkpoint import (
     write_manifest,
     write_model_export,
 )
-from gensr_ray.config import GenSRConfig
+from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.tracking import RunLoggers, Tracker
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,21 @@ log = logging.getLogger(__name__)
 CHECKPOINT_STATE = "deepspeed"  # engine.save_checkpoint directory inside a checkpoint
 CHECKPOINT_MODEL = "model"  # gathered trainable weights + peft adapters, for evaluation
 TAG = "state"
+
+
+def check_precision_supported(precision: str) -> None:
+    """DeepSpeed refuses fp16 where its accelerator has no fp16 kernels (on CPUs: oneDNN's,
+    which need AVX512-FP16 or AMX), deep inside its engine; say so by the setting's name."""
+    if precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():  # None, not False, on CPUs without it
+        raise ConfigError(f"scale.precision=fp16: DeepSpeed's {accelerator.device_name()} "
+                          f"accelerator on this machine ({socket.gethostname()}) has no fp16 "
+                          f"support (CPUs need oneDNN fp16 kernels: AVX512-FP16 or AMX-FP16); "
+                          f"use scale.precision=bf16 or fp32")
 
 
 def deepspeed_config(cfg: GenSRConfig, world_size: int) -> dict:
@@ -195,6 +210,7 @@ class Strategy:
         """Wrap the model in a DeepSpeed engine (ZeRO partitioning, optimizer, scheduler)."""
         import deepspeed
 
+        check_precision_supported(self.cfg.scale.precision)
         if self.cfg.scale.zero_stage == 3:
             # GenSR reads the Yes/No rows of the LM head outside the head's own forward
             deepspeed.zero.register_external_parameter(model, model.answer_head_weight())
