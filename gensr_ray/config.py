@@ -216,7 +216,8 @@ class ScaleConfig:
                  "gathered at each use (LoRA adapters, norms, GenSR's small modules)")
     precision: str = _f("fp32", "compute dtype of the model under DeepSpeed: fp32 | bf16 (GPUs; "
                                 "the CPU accelerator too) | fp16 (decoder backbones, loss "
-                                "scaling; GPUs, CPUs with AVX512-FP16 or AMX); optimizer states and exported weights stay fp32",
+                                "scaling; GPUs, CPUs with AVX512-FP16 or AMX); optimizer "
+                                "states and exported weights stay fp32",
                         choices=PRECISIONS)
     fused_adam: bool = _f(False, "DeepSpeed's FusedAdam (compiles at first use) instead of "
                                  "torch's AdamW, which is fused (no compiler) on GPUs")
