@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the study in --out: run only its trials that did not "
-                           "finish (interrupted, failed), then write the report of all")
+                           "finish (interrupted, failed), each from its last checkpoint, "
+                           "then write the report of all")
     mode.add_argument("--report-only", action="store_true",
                       help="rewrite the report of a study that has run in --out, from its "
                            "Tune directory, without running a trial")

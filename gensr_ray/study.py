@@ -51,6 +51,17 @@ def flatten(results: dict, model: str = "gensr") -> dict[str, float]:
     return flat
 
 
+def trial_run_dir() -> Path:
+    """Where the current trial's training run writes: `run` in the trial's directory of the
+    study's storage (<out>/tune/<sweep>/<trial>), not in this session's staging copy of it
+    (`get_trial_dir()`, under /tmp/ray/session_*). The run's name, and so its checkpoints'
+    place, derives from this path: a resumed study's trial finds the checkpoints its
+    interrupted attempt saved (train.checkpoint_every) and continues from the last one."""
+    import ray.tune
+
+    return Path(ray.tune.get_context().get_storage().trial_fs_path) / "run"
+
+
 def run_trial(config: dict, base: GenSRConfig) -> None:
     """One Tune trial: fit its own trainer, evaluate on validation, report to Tune."""
     import ray.tune
@@ -64,7 +75,7 @@ def run_trial(config: dict, base: GenSRConfig) -> None:
     seed = config.get("seed")
     if seed is not None:  # one run of a multi-seed trial
         cfg = apply_overrides(cfg, {"train.seed": seed})
-    out = Path(ray.tune.get_context().get_trial_dir()) / "run"
+    out = trial_run_dir()
     summary = run_training(cfg, out, callbacks=[TuneReportCallback()], progress=False)
     # the best checkpoint when the trial validated during training; scored in the trial's
     # own process: scoring workers would need resources outside the trial's reservation
@@ -85,7 +96,8 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = Fa
 
     `resume`: continue the study already in `out` (interrupted, or with failed trials): Tune
     restores it from `out`/tune/<sweep> and runs only the trials that did not finish, on
-    top of `cfg` as given now (give the study's own config and sweep)."""
+    top of `cfg` as given now (give the study's own config and sweep); a trial's training
+    continues from its last checkpoint (train.checkpoint_every), if it saved one."""
     import ray
     import ray.tune
 
@@ -111,8 +123,8 @@ def run_study(cfg: GenSRConfig, sweep: Sweep, out: str | Path, resume: bool = Fa
             raise ConfigError(f"{experiment}: no Tune experiment of sweep {sweep.name!r} to "
                               "resume there; run the study without --resume")
         _check_same_sweep(experiment, sweep)
-        # finished trials keep their results; interrupted and failed ones run again from the
-        # start (a trial's training keeps no Tune checkpoint)
+        # finished trials keep their results; interrupted and failed ones run again, and
+        # their training resumes from the last checkpoint it saved (trial_run_dir)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
     else:

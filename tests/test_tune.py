@@ -131,6 +131,44 @@ def test_a_study_stops_a_trial_early_resumes_a_failed_one_and_is_diagnosed(ray_c
         run_study(cfg, select(asha, seeds=[1, 2]), tmp_path / "study", resume=True)
 
 
+def test_a_resumed_study_continues_a_trial_s_training_from_its_last_checkpoint(
+        ray_cluster, _ray_temp_dir, tmp_path):
+    """A trial trains to its last checkpoint, then its validation fails (the full protocol's
+    SASRec first stage has no model yet). Resumed, the trial's training finds that checkpoint
+    in the trial's own directory of the study and trains nothing again: an interrupted trial
+    continues from its last checkpoint the same way, instead of starting over."""
+    from gensr_ray.eval.sasrec import SASRecConfig, pretrain_sasrec
+    from gensr_ray.train.launch import ensure_ray
+
+    data = _titles_all_starting_with_item(tmp_path / "data")
+    sweep_file = tmp_path / "one.yaml"
+    sweep_file.write_text(yaml.safe_dump({"metric": "mean/sampled/NDCG@10", "mode": "max",
+                                          "trials": {"sasrec_first": {
+                                              "eval.first_stage": "sasrec"}}}))
+    cfg = apply_overrides(load_config(ROOT / "configs" / "debug.yaml"), {
+        "data.path": str(data), "train.max_steps": 4, "train.log_every": 2,
+        "train.checkpoint_every": 2, "eval.max_examples": 10})
+    first = run_study(cfg, load_sweep(sweep_file), tmp_path / "study")
+    assert "pretrain-sasrec" in first["rows"][0]["error"]
+
+    pretrain_sasrec(data, SASRecConfig(dim=8, epochs=1))
+    # a study resumes after its Ray cluster is gone: a new session, new staging directories
+    ray_cluster.shutdown()
+    ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=_ray_temp_dir)
+    study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
+    assert not study["rows"][0].get("error")
+    trial = next(Path(study["experiment"]).glob("*sasrec_first*"))
+    runs = [d for d in (trial / "run" / "ray").iterdir() if d.is_dir()]
+    assert len(runs) == 1  # both attempts wrote one run, under the study's directory
+    reports = [json.loads(line) for line in (runs[0] / "metrics.jsonl").open()]
+    steps = [(r["step"], r["resumed_from"]) for r in reports if "resumed_from" in r]
+    # the first attempt trained steps 1-4; the second restored step 4's checkpoint and only
+    # reported its metrics again (starting over would report step 2 again, and resuming from
+    # step 2's checkpoint step 4 with resumed_from 2)
+    assert steps == [(2, 0), (4, 0), (4, 0)]
+    assert reports[2]["loss"] == reports[1]["loss"]
+
+
 def test_a_scheduler_needs_validation_during_training(tmp_path):
     from gensr_ray.config import ConfigError
     from gensr_ray.study import build_scheduler
