@@ -37,14 +37,28 @@ def _ray_temp_dir(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_cluster(_ray_temp_dir, model_cache):
-    """The shared local cluster, started on first use (again if a test shut it down)."""
+def _start_cluster(temp_dir: str):
     import ray
     import ray.data
 
     from gensr_ray.train.launch import ensure_ray
 
-    ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=_ray_temp_dir)
+    ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+@pytest.fixture
+def ray_cluster(_ray_temp_dir, model_cache):
+    """The shared local cluster, started on first use (again if a test shut it down)."""
+    return _start_cluster(_ray_temp_dir)
+
+
+@pytest.fixture
+def restart_ray(ray_cluster, _ray_temp_dir):
+    """Shut the shared cluster down and start it again, as a new Ray session (what a command
+    run again after an interruption meets)."""
+    def restart():
+        ray_cluster.shutdown()
+        _start_cluster(_ray_temp_dir)
+    return restart

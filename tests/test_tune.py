@@ -132,13 +132,12 @@ def test_a_study_stops_a_trial_early_resumes_a_failed_one_and_is_diagnosed(ray_c
 
 
 def test_a_resumed_study_continues_a_trial_s_training_from_its_last_checkpoint(
-        ray_cluster, _ray_temp_dir, tmp_path):
+        restart_ray, tmp_path):
     """A trial trains to its last checkpoint, then its validation fails (the full protocol's
     SASRec first stage has no model yet). Resumed, the trial's training finds that checkpoint
     in the trial's own directory of the study and trains nothing again: an interrupted trial
     continues from its last checkpoint the same way, instead of starting over."""
     from gensr_ray.eval.sasrec import SASRecConfig, pretrain_sasrec
-    from gensr_ray.train.launch import ensure_ray
 
     data = _titles_all_starting_with_item(tmp_path / "data")
     sweep_file = tmp_path / "one.yaml"
@@ -153,8 +152,7 @@ def test_a_resumed_study_continues_a_trial_s_training_from_its_last_checkpoint(
 
     pretrain_sasrec(data, SASRecConfig(dim=8, epochs=1))
     # a study resumes after its Ray cluster is gone: a new session, new staging directories
-    ray_cluster.shutdown()
-    ensure_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=_ray_temp_dir)
+    restart_ray()
     study = run_study(cfg, load_sweep(sweep_file), tmp_path / "study", resume=True)
     assert not study["rows"][0].get("error")
     trial = next(Path(study["experiment"]).glob("*sasrec_first*"))
