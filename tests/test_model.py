@@ -88,6 +88,13 @@ def test_target_attention_matches_a_loop_reference():
         weights = torch.softmax(scores, 0)
         expected = sum(w * h[b, j] for w, j in zip(weights, valid))
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+    # several targets per sequence (scoring's candidates): each as if alone with its sequence
+    targets = torch.randn(3, 5, 6)
+    grouped = att(h, targets, mask)
+    assert grouped.shape == (3, 5, 6)
+    for c in range(5):
+        torch.testing.assert_close(grouped[:, c], att(h, targets[:, c], mask), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_encoder_layer_matches_torch_transformer_encoder_layer():
@@ -161,6 +168,19 @@ def test_prompt_slots_follow_the_template_and_query_only_in_search(design):
         assert ("alpha film" in text) == ("{history_titles}" in template)
         first_soft = next((i for i, s in enumerate(prompt.slots) if s), len(prompt.ids))
         assert prompt.prefix_len <= first_soft
+
+
+def test_title_text_puts_everything_a_candidate_changes_at_its_end():
+    """Scoring shares an example's prompt up to its first candidate-dependent piece: in
+    title_text only the candidate's title, the four soft vectors and the answer cue follow."""
+    tok = _WordTokenizer()
+    titles = [tok.encode(t) for t in ("alpha film", "beta film", "gamma delta film")]
+    assembler = PromptAssembler(tok, "title_text", titles)
+    for task in ("search", "rec"):
+        prompt = assembler.build(task, history=[0, 1], target=2, query="zebra quest")
+        suffix = prompt.ids[prompt.prefix_len:]
+        assert len(suffix) == len(titles[2]) + len(SOFT_TOKENS) + len(tok.encode(". Answer:"))
+        assert "alpha film" in tok.decode(prompt.ids[:prompt.prefix_len])
 
 
 # The authors' templates as their get_prompt (GenSR/data/UnifyDataset.py) writes them.
@@ -335,15 +355,18 @@ def test_task_adapters_run_the_same_passes_whatever_tasks_a_batch_holds(tiny_dat
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("subspace, positions, offsets, cf_layers", [
-    ("shared_lora", False, False, 1), ("task_lora", False, False, 1),
-    ("shared_lora", True, True, 2)])
-def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, positions, offsets,
-                                                   cf_layers):
+@pytest.mark.parametrize("subspace, positions, offsets, cf_layers, prefix_attention", [
+    ("shared_lora", False, False, 1, True), ("task_lora", False, False, 1, True),
+    ("shared_lora", True, True, 2, True), ("shared_lora", False, False, 1, False)])
+def test_shared_prefix_scoring_equals_full_prompts(tiny_data, monkeypatch, subspace, positions,
+                                                   offsets, cf_layers, prefix_attention):
     from gensr_ray.assemble import build_model, resolve_config_backbone
     from gensr_ray.data import contract
     from gensr_ray.inputs.build import build_features
+    from gensr_ray.model import shared_prefix
 
+    if not prefix_attention:  # a decoder without the attention interface: the copying path
+        monkeypatch.setattr(shared_prefix, "supports", lambda model: False)
     cfg = apply_overrides(GenSRConfig(), {
         "data.path": str(tiny_data), "model.backbone": "preset:tiny-llama",
         "model.prompt": "title_text", "model.subspace": subspace,
@@ -376,6 +399,43 @@ def test_shared_prefix_scoring_equals_full_prompts(tiny_data, subspace, position
         torch.testing.assert_close(together, torch.cat([s for _, s in pairs]), rtol=1e-4,
                                    atol=1e-5)
     assert max(len(p) for p in singles.values()) > 1
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (6, 1)])
+def test_shared_prefix_attention_equals_attention_over_each_candidate_s_whole_prompt(
+        heads, kv_heads):
+    """Against torch's attention over every candidate's prefix + suffix written out: left-
+    padded prefixes of G examples, right-padded suffixes of their C candidates, grouped-query
+    heads."""
+    from gensr_ray.model.shared_prefix import SharedPrefix, shared_prefix_attention
+
+    torch.manual_seed(0)
+    g, c, length, steps, dim = 2, 3, 7, 5, 8
+    prefix_mask = torch.ones(g, length, dtype=torch.long)
+    prefix_mask[1, :3] = 0  # the second example's prefix is 3 tokens shorter
+    suffix_mask = torch.ones(g * c, steps, dtype=torch.long)
+    suffix_mask[1, 2:] = 0
+    suffix_mask[4, 4:] = 0
+    keys, values = torch.randn(g, kv_heads, length, dim), torch.randn(g, kv_heads, length, dim)
+    query = torch.randn(g * c, heads, steps, dim)
+    key, value = torch.randn(g * c, kv_heads, steps, dim), torch.randn(g * c, kv_heads, steps, dim)
+    layer = torch.nn.Module()
+    layer.layer_idx = 1
+    prefix = SharedPrefix([None, keys], [None, values], prefix_mask, suffix_mask)
+    out, _ = shared_prefix_attention(layer, query, key, value, scaling=0.3,
+                                     shared_prefix=prefix)
+
+    def whole(x, own):  # every candidate's prefix + suffix, each key head for its query heads
+        both = torch.cat([x.repeat_interleave(c, dim=0), own], dim=2)
+        return both.repeat_interleave(heads // kv_heads, dim=1)
+
+    visible = torch.cat([prefix_mask.repeat_interleave(c, dim=0)[:, None, :].expand(-1, steps, -1),
+                         torch.ones(steps, steps).tril()[None].expand(g * c, -1, -1)
+                         * suffix_mask[:, None, :]], dim=2).bool()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, whole(keys, key), whole(values, value), attn_mask=visible[:, None], scale=0.3)
+    assert out.shape == (g * c, steps, heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_the_discriminative_twin_heads_one_logit_per_task(tiny_data):

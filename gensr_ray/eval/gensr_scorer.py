@@ -50,7 +50,9 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
 
     Decoder-only backbones: per example, the shared prefix's KV cache and the history
     encodings are computed once for all its candidates (bench/scoring.py measures the gain),
-    for batch_size // c examples of a task per forward. Others: one full prompt per
+    for batch_size // c examples of a task per forward, those with prefixes of similar
+    length together (each candidate attends to its example's prefix padded to the longest
+    of the forward). Others: one full prompt per
     (example, candidate) row, `batch_size` rows per forward. Either way the forwards and
     their order depend only on how many examples of each task the batch holds (decoders:
     sum over tasks of ceil(n_task / (batch_size // c)), search first), which keeps ZeRO-3
@@ -58,12 +60,15 @@ def score_candidates(forward, kind: str, encoder, collate, batch: dict, candidat
     if kind == "decoder":
         scores = np.empty(candidates.shape, dtype=np.float32)
         per_call = max(1, batch_size // max(1, candidates.shape[1]))
-        for rows in task_chunks(batch["task"], per_call):
-            groups = [encoder.encode_group(batch["task"][i], list(batch["history"][i]),
-                                           batch["query"][i], candidates[i].tolist())
-                      for i in rows]
-            logits = forward(to_device(collate.groups(groups)))["logits"]
-            scores[rows] = answer_score(logits).float().cpu().numpy().reshape(len(rows), -1)
+        for task_rows in task_chunks(batch["task"], len(batch["task"])):  # a task at a time
+            groups = {i: encoder.encode_group(batch["task"][i], list(batch["history"][i]),
+                                              batch["query"][i], candidates[i].tolist())
+                      for i in task_rows}
+            by_length = sorted(task_rows, key=lambda i: len(groups[i]["prefix_ids"]))
+            for lo in range(0, len(by_length), per_call):
+                rows = np.array(by_length[lo:lo + per_call])
+                logits = forward(to_device(collate.groups([groups[i] for i in rows])))["logits"]
+                scores[rows] = answer_score(logits).float().cpu().numpy().reshape(len(rows), -1)
         return scores
     rows = encoder.encode(batch, candidates=candidates)
     scores = []

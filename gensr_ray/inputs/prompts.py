@@ -33,12 +33,16 @@ _AUTHORS_ASK = ("### Question: A user has given high ratings to the following {i
                 "the {item} <CF_TARGET> with the semantic feature <TITLE_EMB>")
 _AUTHORS_END = '? Answer with "Yes" or "No". #Answer:'
 
-_HEAD = ("A user has given high ratings to the following {items}: {history_titles}. "
-         "The semantic features of these {items} are <SEM_HIST>, and their collaborative "
-         "features are <CF_HIST>. ")
 _ITEM = ("the {item} {target_title} with the semantic feature <TITLE_EMB> and the "
          "collaborative feature <CF_TARGET>")
 _ANSWER = ' Answer with "Yes" or "No". Answer:'
+# title_text: the history titles and the question first, every candidate-dependent piece
+# (the title, and the four soft vectors: both history vectors attend to the candidate) in
+# the last few tokens, so that one example's candidates share all the rest of the prompt
+_TITLES = "A user has given high ratings to the following {items}: {history_titles}. "
+_LAST = (' Answer with "Yes" or "No". The next {item}, then the semantic and collaborative '
+         "features of it and of the history: {target_title} <TITLE_EMB> <CF_TARGET> "
+         "<SEM_HIST> <CF_HIST>. Answer:")
 
 PROMPTS: dict[str, dict[str, str]] = {
     # The authors' input exactly: their wording, the four vectors in their places, no titles.
@@ -47,13 +51,14 @@ PROMPTS: dict[str, dict[str, str]] = {
         "search": _AUTHORS_ASK + " based on the query {query}" + _AUTHORS_END,
     },
     # Our variant: the authors' wording with the history titles and the candidate's title
-    # written as text (an LLM reads titles), the soft tokens beside them.
+    # written as text (an LLM reads titles), the question before the candidate so that all
+    # the candidate changes (its title, the four soft vectors) is the prompt's end.
     "title_text": {
-        "rec": _HEAD + "Would the user enjoy " + _ITEM + "?" + _ANSWER,
-        "search": _HEAD + 'Based on the query "{query}", would the user enjoy ' + _ITEM + "?"
-                  + _ANSWER,
+        "rec": _TITLES + "Would the user enjoy the next {item}?" + _LAST,
+        "search": _TITLES + 'Based on the query "{query}", would the user enjoy the next {item}?'
+                  + _LAST,
     },
-    # title_text without the history titles: shorter, the views carry the history.
+    # No history titles: shorter, the views carry the history.
     "no_history_titles": {
         "rec": "A user's history has semantic features <SEM_HIST> and collaborative features "
                "<CF_HIST>. Would the user enjoy " + _ITEM + "?" + _ANSWER,
@@ -88,8 +93,9 @@ DESCRIPTIONS = {
     "authors": "the authors' template exactly: four soft vectors at its four placeholders, no "
                "title text (model.authors_splice_bug reproduces their splice)",
     "title_text": "the authors' wording plus the history titles and the candidate title as "
-                  "text, beside the four soft tokens (our variant)",
-    "no_history_titles": "title_text without the history titles",
+                  "text; the candidate and the four soft tokens last (our variant)",
+    "no_history_titles": "the history's two soft tokens, then the candidate's title and "
+                         "soft tokens: no history titles",
     "no_soft_tokens": "titles and query as text only; the two views are unused",
     "minimal": "a few words around the soft tokens, the candidate title and the query",
     "task_free": "minimal without a question: the same input for both tasks but the query "

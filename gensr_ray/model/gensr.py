@@ -22,6 +22,7 @@ from torch import nn
 from gensr_ray.config import SUBSPACES as SUBSPACE_NAMES
 from gensr_ray.config import LossConfig, ModelConfig
 from gensr_ray.data.contract import TASKS
+from gensr_ray.model import shared_prefix
 from gensr_ray.model.losses import answer_loss, answer_score, first_rows, info_nce, listwise_loss
 
 SUBSPACES = {
@@ -91,17 +92,24 @@ def recency(mask: torch.Tensor) -> torch.Tensor:
 
 
 class TargetAttention(nn.Module):
-    """Pool a sequence against a target: score_j = h_j^T W e, masked softmax, weighted sum."""
+    """Pool a sequence against a target: score_j = h_j^T W e, masked softmax, weighted sum.
+
+    h [B, L, D] with mask [B, L], and target [B, D]; or C targets per sequence, [B, C, D] ->
+    [B, C, D] (scoring: one history pooled against each of an example's candidates, without
+    a copy of the history per candidate)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = torch.einsum("bnd,bd->bn", h, self.proj(target))
+        if target.dim() == 2:
+            return self(h, target.unsqueeze(1), mask).squeeze(1)
+        scores = torch.einsum("bnd,bcd->bcn", h, self.proj(target))
+        mask = mask.unsqueeze(1)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1) * mask  # rows with no valid position -> 0
-        return torch.einsum("bn,bnd->bd", weights, h)
+        return torch.einsum("bcn,bnd->bcd", weights, h)
 
 
 # forward() returns a plain dict (DeepSpeed's ZeRO-3 hooks find tensors in dicts, not in
@@ -185,11 +193,13 @@ class GenSR(nn.Module):
             x = layer(x, hist_mask)
         return x
 
-    def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor,
-                target_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(history vector, candidate vector), both projected to the model width."""
+    def cf_pool(self, encoded: torch.Tensor, mask: torch.Tensor, target_item: torch.Tensor,
+                per: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history vector, candidate vector), both projected to the model width; each
+        history serves `per` consecutive candidates."""
         target = self.cf_vectors(target_item)
-        return self.cf_proj(self.cf_attention(encoded, target, mask)), self.cf_proj(target)
+        pooled = self.cf_attention(encoded, target.reshape(encoded.shape[0], per, -1), mask)
+        return self.cf_proj(pooled.reshape(target.shape)), self.cf_proj(target)
 
     def sem_encode(self, title_ids: torch.Tensor, title_mask: torch.Tensor):
         """History title tokens through the backbone's embeddings and a 1-layer transformer."""
@@ -202,12 +212,15 @@ class GenSR(nn.Module):
         return self.sem_encoder(tokens, mask), mask
 
     def sem_pool(self, encoded: torch.Tensor, mask: torch.Tensor, target_title_ids: torch.Tensor,
-                 target_title_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(history vector, candidate mean title embedding)."""
+                 target_title_mask: torch.Tensor, per: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history vector, candidate mean title embedding); each history serves `per`
+        consecutive candidates."""
         title = self.lm.get_input_embeddings()(target_title_ids)
         tmask = target_title_mask.unsqueeze(-1).to(title.dtype)
         title_mean = (title * tmask).sum(1) / tmask.sum(1).clamp(min=1.0)
-        return self.sem_attention(encoded, title_mean, mask), title_mean
+        pooled = self.sem_attention(encoded, title_mean.reshape(encoded.shape[0], per, -1), mask)
+        return pooled.reshape(title_mean.shape), title_mean
 
     def soft_tokens(self, cf_hist, sem_hist, cf_target, title_mean) -> torch.Tensor:
         """[B, 4, D] in slot order; a disabled view contributes zero vectors."""
@@ -264,11 +277,11 @@ class GenSR(nn.Module):
         def each(x: torch.Tensor) -> torch.Tensor:  # an example's row for each candidate
             return x.repeat_interleave(per, dim=0)
 
-        cf_hist, cf_target = self.cf_pool(each(self.cf_encode(g["hist_items"], g["hist_mask"])),
-                                          each(g["hist_mask"]), g["target_item"])
+        cf_hist, cf_target = self.cf_pool(self.cf_encode(g["hist_items"], g["hist_mask"]),
+                                          g["hist_mask"], g["target_item"], per)
         sem_encoded, mask = self.sem_encode(g["hist_title_ids"], g["hist_title_mask"])
-        sem_hist, title_mean = self.sem_pool(each(sem_encoded), each(mask),
-                                             g["target_title_ids"], g["target_title_mask"])
+        sem_hist, title_mean = self.sem_pool(sem_encoded, mask, g["target_title_ids"],
+                                             g["target_title_mask"], per)
         soft = self.soft_tokens(cf_hist, sem_hist, cf_target, title_mean)
         embed = self.lm.get_input_embeddings()
         suffix = self.splice(embed(g["suffix_ids"]), g["suffix_slots"], soft)
@@ -282,12 +295,22 @@ class GenSR(nn.Module):
                 cache = self.lm.base_model(
                     inputs_embeds=embed(g["prefix_ids"]), attention_mask=prefix_mask,
                     position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).cache
-                cache.batch_repeat_interleave(per)
-            mask = torch.cat([each(prefix_mask), suffix_mask], dim=1)
             positions = each(prefix_mask.sum(1, keepdim=True)) + steps
-            out = self.lm.base_model(inputs_embeds=suffix, attention_mask=mask,
-                                     position_ids=positions, cache=cache,
-                                     use_cache=cache is not None)
+            if cache is not None and shared_prefix.supports(self.lm):
+                # the suffixes attend to the one copy of their example's prefix
+                prefix = shared_prefix.SharedPrefix(
+                    [layer.keys for layer in cache.layers],
+                    [layer.values for layer in cache.layers], prefix_mask, suffix_mask)
+                with shared_prefix.attending_to(self.lm):
+                    out = self.lm.base_model(inputs_embeds=suffix, position_ids=positions,
+                                             shared_prefix=prefix)
+            else:  # a model without the attention interface: the prefix copied per candidate
+                if cache is not None:
+                    cache.batch_repeat_interleave(per)
+                mask = torch.cat([each(prefix_mask), suffix_mask], dim=1)
+                out = self.lm.base_model(inputs_embeds=suffix, attention_mask=mask,
+                                         position_ids=positions, cache=cache,
+                                         use_cache=cache is not None)
         last = suffix_mask.sum(1) - 1
         return self.answer_logits(out.last_hidden_state[torch.arange(n), last],
                                   torch.full((n,), int(g["task"]), device=last.device))
