@@ -424,6 +424,12 @@ def test_shared_prefix_attention_equals_attention_over_each_candidate_s_whole_pr
     prefix = SharedPrefix([None, keys], [None, values], prefix_mask, suffix_mask)
     out, _ = shared_prefix_attention(layer, query, key, value, scaling=0.3,
                                      shared_prefix=prefix)
+    # a bf16 model's tensors: computed in fp32, returned in bf16
+    low = [x.bfloat16() for x in (query, key, value, keys, values)]
+    out_bf16, _ = shared_prefix_attention(
+        layer, *low[:3], scaling=0.3,
+        shared_prefix=SharedPrefix([None, low[3]], [None, low[4]], prefix_mask, suffix_mask))
+    assert out_bf16.dtype == torch.bfloat16
 
     def whole(x, own):  # every candidate's prefix + suffix, each key head for its query heads
         both = torch.cat([x.repeat_interleave(c, dim=0), own], dim=2)
@@ -436,6 +442,7 @@ def test_shared_prefix_attention_equals_attention_over_each_candidate_s_whole_pr
         query, whole(keys, key), whole(values, value), attn_mask=visible[:, None], scale=0.3)
     assert out.shape == (g * c, steps, heads, dim)
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_bf16.float(), out, rtol=0.02, atol=0.02)
 
 
 def test_the_discriminative_twin_heads_one_logit_per_task(tiny_data):

@@ -51,8 +51,11 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
         raise ValueError(f"attention {NAME!r} runs only inside shared_prefix.attending_to")
     if dropout:
         raise ValueError(f"attention {NAME!r} is for inference: dropout must be 0")
-    prefix_keys = shared_prefix.keys[module.layer_idx]
-    prefix_values = shared_prefix.values[module.layer_idx]
+    # in fp32 whatever the model's dtype (as torch's fused kernels accumulate): the prefix's
+    # and the suffixes' keys and values are small next to the scores
+    prefix_keys = shared_prefix.keys[module.layer_idx].float()
+    prefix_values = shared_prefix.values[module.layer_idx].float()
+    key, value = key.float(), value.float()
     n, heads, steps, dim = query.shape
     g, kv_heads, length, _ = prefix_keys.shape
     per, groups = n // g, heads // kv_heads
@@ -60,16 +63,16 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     lowest = torch.finfo(torch.float32).min
     # query heads of one key/value head side by side: [N, kv_heads, groups x S, dim], scaled
     # here rather than the larger products below
-    q = (query * scaling).reshape(n, kv_heads, groups * steps, dim)
+    q = (query.float() * scaling).reshape(n, kv_heads, groups * steps, dim)
 
     # every query of an example's candidates against its one prefix: [G, kv, C x groups x S, P]
     q_by_example = q.reshape(g, per, kv_heads, groups * steps, dim).transpose(1, 2)
     to_prefix = torch.matmul(q_by_example.reshape(g, kv_heads, per * groups * steps, dim),
-                             prefix_keys.transpose(-1, -2)).float()
+                             prefix_keys.transpose(-1, -2))
     if shared_prefix.prefix_padded:
         to_prefix.masked_fill_(~shared_prefix.prefix_mask.bool()[:, None, None, :], lowest)
     # each suffix against itself, causal, its right padding masked: [N, kv, groups x S, S]
-    to_self = torch.matmul(q, key.transpose(-1, -2)).float()
+    to_self = torch.matmul(q, key.transpose(-1, -2))
     step = torch.arange(steps, device=query.device)
     allowed = (step[None, :] <= step[:, None])[None] & shared_prefix.suffix_mask.bool()[:, None, :]
     to_self.masked_fill_(~allowed.repeat(1, groups, 1)[:, None], lowest)
@@ -86,8 +89,8 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     to_prefix.sub_(by_example(top).unsqueeze(-1)).exp_()
     to_self.sub_(top.unsqueeze(-1)).exp_()
     total = by_candidate(to_prefix.sum(-1)) + to_self.sum(-1)
-    out = by_candidate(torch.matmul(to_prefix.to(prefix_values.dtype), prefix_values)).float()
-    out += torch.matmul(to_self.to(value.dtype), value).float()
+    out = by_candidate(torch.matmul(to_prefix, prefix_values))
+    out += torch.matmul(to_self, value)
     out /= total.unsqueeze(-1)
     # [N, kv, groups x S, dim] -> [N, S, heads, dim], as Hugging Face's attention returns it
     out = out.reshape(n, heads, steps, dim).transpose(1, 2).contiguous()
