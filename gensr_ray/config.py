@@ -19,8 +19,8 @@ import yaml
 # The valid values of choice settings. They live here, below every module that implements
 # them, so a config is checked when it loads (CLI, sweep files, tests), not in a Ray worker;
 # the implementing modules check at import that they build exactly these.
-PROMPT_DESIGNS = ("authors", "title_text", "no_history_titles", "no_soft_tokens", "minimal",
-                  "task_free")
+PROMPT_DESIGNS = ("authors", "title_text", "title_text_inline", "no_history_titles",
+                  "no_soft_tokens", "minimal", "task_free")
 MODEL_KINDS = ("generative", "discriminative")
 SUBSPACES = ("shared_lora", "task_lora", "task_and_shared_lora", "full")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")

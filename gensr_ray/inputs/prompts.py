@@ -33,6 +33,9 @@ _AUTHORS_ASK = ("### Question: A user has given high ratings to the following {i
                 "the {item} <CF_TARGET> with the semantic feature <TITLE_EMB>")
 _AUTHORS_END = '? Answer with "Yes" or "No". #Answer:'
 
+_HEAD = ("A user has given high ratings to the following {items}: {history_titles}. "
+         "The semantic features of these {items} are <SEM_HIST>, and their collaborative "
+         "features are <CF_HIST>. ")
 _ITEM = ("the {item} {target_title} with the semantic feature <TITLE_EMB> and the "
          "collaborative feature <CF_TARGET>")
 _ANSWER = ' Answer with "Yes" or "No". Answer:'
@@ -57,6 +60,13 @@ PROMPTS: dict[str, dict[str, str]] = {
         "rec": _TITLES + "Would the user enjoy the next {item}?" + _LAST,
         "search": _TITLES + 'Based on the query "{query}", would the user enjoy the next {item}?'
                   + _LAST,
+    },
+    # title_text's words with each soft token beside what it describes: the question comes
+    # after the history vectors, so ~45 tokens differ per candidate in scoring, not ~15.
+    "title_text_inline": {
+        "rec": _HEAD + "Would the user enjoy " + _ITEM + "?" + _ANSWER,
+        "search": _HEAD + 'Based on the query "{query}", would the user enjoy ' + _ITEM + "?"
+                  + _ANSWER,
     },
     # No history titles: shorter, the views carry the history.
     "no_history_titles": {
@@ -94,6 +104,8 @@ DESCRIPTIONS = {
                "title text (model.authors_splice_bug reproduces their splice)",
     "title_text": "the authors' wording plus the history titles and the candidate title as "
                   "text; the candidate and the four soft tokens last (our variant)",
+    "title_text_inline": "title_text with each soft token beside what it describes and the "
+                         "question after them: 3x its scoring cost",
     "no_history_titles": "the history's two soft tokens, then the candidate's title and "
                          "soft tokens: no history titles",
     "no_soft_tokens": "titles and query as text only; the two views are unused",
