@@ -8,7 +8,7 @@ scoring time. Here the suffix queries of all an example's candidates attend to t
 one product against its single copy, each suffix attends causally to itself, and the two
 partial softmaxes are merged exactly (one running maximum, summed normalisers).
 
-`attending_to(model, prefix)` routes a Hugging Face decoder's attention (any model class with
+`attending_to(model)` routes a Hugging Face decoder's attention (any model class with
 the attention-backend interface: Llama, Qwen2, ...) through `shared_prefix_attention` for the
 calls inside it. Plain torch.
 """
