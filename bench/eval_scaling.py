@@ -26,9 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="preset:tiny-llama")
     parser.add_argument("--prompt", default="title_text")
-    parser.add_argument("--examples", type=int, default=1200,
-                        help="examples (100 candidates each); the demo's evaluation pass "
-                             "scores 3752")
+    parser.add_argument("--examples", type=int, default=3752,
+                        help="examples (100 candidates each); the default is the size of the "
+                             "demo's evaluation pass")
     parser.add_argument("--workers", type=int, default=2, help="the larger pool")
     args = parser.parse_args()
     quiet()
