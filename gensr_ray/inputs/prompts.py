@@ -105,7 +105,7 @@ DESCRIPTIONS = {
     "title_text": "the authors' wording plus the history titles and the candidate title as "
                   "text; the candidate and the four soft tokens last (our variant)",
     "title_text_inline": "title_text with each soft token beside what it describes and the "
-                         "question after them: 3x its scoring cost",
+                         "question after them (~45 tokens per candidate in scoring, not ~15)",
     "no_history_titles": "the history's two soft tokens, then the candidate's title and "
                          "soft tokens: no history titles",
     "no_soft_tokens": "titles and query as text only; the two views are unused",
