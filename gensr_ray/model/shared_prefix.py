@@ -65,18 +65,6 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     # here rather than the larger products below
     q = (query.float() * scaling).reshape(n, kv_heads, groups * steps, dim)
 
-    # every query of an example's candidates against its one prefix: [G, kv, C x groups x S, P]
-    q_by_example = q.reshape(g, per, kv_heads, groups * steps, dim).transpose(1, 2)
-    to_prefix = torch.matmul(q_by_example.reshape(g, kv_heads, per * groups * steps, dim),
-                             prefix_keys.transpose(-1, -2))
-    if shared_prefix.prefix_padded:
-        to_prefix.masked_fill_(~shared_prefix.prefix_mask.bool()[:, None, None, :], lowest)
-    # each suffix against itself, causal, its right padding masked: [N, kv, groups x S, S]
-    to_self = torch.matmul(q, key.transpose(-1, -2))
-    step = torch.arange(steps, device=query.device)
-    allowed = (step[None, :] <= step[:, None])[None] & shared_prefix.suffix_mask.bool()[:, None, :]
-    to_self.masked_fill_(~allowed.repeat(1, groups, 1)[:, None], lowest)
-
     def by_candidate(x: torch.Tensor) -> torch.Tensor:  # [G, kv, C x groups x S, ...] -> [N, ...]
         x = x.reshape(g, kv_heads, per, groups * steps, *x.shape[3:]).transpose(1, 2)
         return x.reshape(n, kv_heads, groups * steps, *x.shape[4:])
@@ -84,6 +72,16 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     def by_example(x: torch.Tensor) -> torch.Tensor:  # the inverse of by_candidate
         x = x.reshape(g, per, kv_heads, groups * steps, *x.shape[3:]).transpose(1, 2)
         return x.reshape(g, kv_heads, per * groups * steps, *x.shape[4:])
+
+    # every query of an example's candidates against its one prefix: [G, kv, C x groups x S, P]
+    to_prefix = torch.matmul(by_example(q), prefix_keys.transpose(-1, -2))
+    if shared_prefix.prefix_padded:
+        to_prefix.masked_fill_(~shared_prefix.prefix_mask.bool()[:, None, None, :], lowest)
+    # each suffix against itself, causal, its right padding masked: [N, kv, groups x S, S]
+    to_self = torch.matmul(q, key.transpose(-1, -2))
+    step = torch.arange(steps, device=query.device)
+    allowed = (step[None, :] <= step[:, None])[None] & shared_prefix.suffix_mask.bool()[:, None, :]
+    to_self.masked_fill_(~allowed.repeat(1, groups, 1)[:, None], lowest)
 
     top = torch.maximum(by_candidate(to_prefix.amax(-1)), to_self.amax(-1))  # [N, kv, gS]
     to_prefix.sub_(by_example(top).unsqueeze(-1)).exp_()
