@@ -19,7 +19,8 @@ from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.validate import fingerprint
 from gensr_ray.data.writer import WriteOptions, write_dataset
-from gensr_ray.eval.distributed import DistributedGenSRScorer, _ScoringActor
+from gensr_ray.eval import distributed
+from gensr_ray.eval.distributed import DistributedGenSRScorer, _ScoringActor, examples_per_call
 from gensr_ray.eval.gensr_scorer import GenSRScorer
 from gensr_ray.eval.harness import load_eval_examples
 from gensr_ray.eval.run import evaluate_run
@@ -62,9 +63,10 @@ def test_two_scoring_workers_give_the_single_process_scores(ray_cluster, checkpo
 
 
 def test_a_pass_over_requests_of_different_widths_keeps_each_in_place(ray_cluster, checkpoint):
-    """Ray Data cuts one pass into calls of EXAMPLES_PER_CALL examples: 11 + 9 examples
+    """Ray Data cuts one pass into calls of MIN_PER_CALL (16) examples: 11 + 9 examples
     make a call that spans both requests, whose candidate lists are 7 and 3 wide."""
     path, cfg = checkpoint
+    assert examples_per_call(20, cfg.eval.num_workers) == 16
     examples = load_eval_examples(Path(cfg.data.path), "test", max_examples=20)
     search, rec = examples["search"], examples["rec"]
     first = {k: v[:11] for k, v in search.items()}
@@ -76,6 +78,36 @@ def test_a_pass_over_requests_of_different_widths_keeps_each_in_place(ray_cluste
     pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many([(first, wide),
                                                                     (second, narrow)])
     assert [p.shape for p in pooled] == [(11, 7), (9, 3)]
+    np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
+
+
+def test_calls_grow_with_the_pass_within_their_bounds():
+    """About CALLS_PER_WORKER calls per worker, never under 16 or over 128 examples."""
+    assert examples_per_call(1, 2) == 16
+    assert examples_per_call(3752, 2) == 59  # the demo's pass: 64 calls, 32 per worker
+    assert examples_per_call(3752, 1) == 118
+    assert examples_per_call(188_000, 8) == 128
+    assert examples_per_call(500, 0) == 16  # no workers named: as one
+
+
+def test_a_pass_cut_into_calls_that_end_mid_request_keeps_every_score(ray_cluster, checkpoint,
+                                                                      monkeypatch):
+    """Calls of 5 examples (the bounds lowered): blocks of 11 + 9 examples end inside either
+    request; however Ray Data bundles them, every score lands in its place."""
+    path, cfg = checkpoint
+    monkeypatch.setattr(distributed, "MIN_PER_CALL", 1)
+    monkeypatch.setattr(distributed, "CALLS_PER_WORKER", 2)
+    assert examples_per_call(20, cfg.eval.num_workers) == 5
+    examples = load_eval_examples(Path(cfg.data.path), "test", max_examples=20)
+    first = {k: v[:11] for k, v in examples["search"].items()}
+    second = {k: v[:9] for k, v in examples["rec"].items()}
+    wide = np.concatenate([first["target"][:, None], first["negatives"][:, :4]], axis=1)
+    narrow = np.concatenate([second["target"][:, None], second["negatives"][:, :2]], axis=1)
+    model, backbone, local_cfg = load_for_eval(path, cfg)
+    single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
+    pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many([(first, wide),
+                                                                    (second, narrow)])
     np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
     np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
 

@@ -28,9 +28,11 @@ from tqdm import tqdm
 from gensr_ray.config import GenSRConfig
 from gensr_ray.eval.gensr_scorer import GenSRScorer, first_stage_pool, rerank
 
-# examples per task sent to an actor at a time: large enough to keep it busy between calls,
-# small enough that N actors share a few thousand examples evenly
-EXAMPLES_PER_CALL = 16
+# Examples sent to an actor per call. Every call costs the driver and Ray's own processes
+# about the same CPU whatever its size (~14 ms on a 2-core machine, where that CPU is taken
+# from the scorers), so calls are made large; but a pass ends with its slowest worker, so each
+# worker gets about CALLS_PER_WORKER of them, which keeps the spread of the last ones small.
+MIN_PER_CALL, MAX_PER_CALL, CALLS_PER_WORKER = 16, 128, 32
 PAD = -1  # candidate slots beyond a request's width (item ids are >= 0)
 
 log = logging.getLogger(__name__)
@@ -107,24 +109,24 @@ class DistributedGenSRScorer:
         context = ray.data.DataContext.get_current()  # the bar below replaces Ray Data's logs
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        # blocks of EXAMPLES_PER_CALL examples, made here, so that the actors share the work
-        # from the first call; every request's candidate lists padded to one width, since a
-        # call (Ray Data bundles small blocks up to the batch size, which it requires where
-        # actors hold GPUs) may span two requests
+        # blocks of one call's examples, made here, so that the actors share the work from the
+        # first call; every request's candidate lists padded to one width, since a call (Ray
+        # Data bundles small blocks up to the batch size, which it requires where actors hold
+        # GPUs) may span two requests
+        per_call = examples_per_call(total, e.num_workers)
         width = max(np.shape(c)[1] for _, c in requests if len(c))
         blocks = []
         for r, (batch, candidates) in enumerate(requests):
             table = _table(r, batch, candidates, width)
-            blocks += [table.slice(lo, EXAMPLES_PER_CALL)
-                       for lo in range(0, len(candidates), EXAMPLES_PER_CALL)]
+            blocks += [table.slice(lo, per_call) for lo in range(0, len(candidates), per_call)]
         scored = [np.zeros(len(c), dtype=bool) for _, c in requests]
         # examples/s and ETA on the driver, for passes long enough to wait on
         with tqdm(total=total, unit="ex", desc=f"gensr scoring ({e.num_workers} workers)",
-                  mininterval=5, disable=total < 4 * EXAMPLES_PER_CALL, file=sys.stderr) as bar:
+                  mininterval=5, disable=total < 4 * MIN_PER_CALL, file=sys.stderr) as bar:
             for attempt in range(e.scorer_retries + 1):
                 try:
-                    for part in self._pass(blocks).iter_batches(batch_size=None,
-                                                                batch_format="numpy"):
+                    for part in self._pass(blocks, per_call).iter_batches(
+                            batch_size=None, batch_format="numpy"):
                         for request in np.unique(part["request"]):
                             rows = part["request"] == request
                             positions = part["position"][rows]
@@ -145,7 +147,7 @@ class DistributedGenSRScorer:
                                 attempt + 1, e.scorer_retries)
         return out
 
-    def _pass(self, blocks: list[pa.Table]):
+    def _pass(self, blocks: list[pa.Table], per_call: int):
         """The lazy Ray Data pipeline scoring `blocks` on a fresh pool of actors."""
         import ray.data
 
@@ -155,10 +157,16 @@ class DistributedGenSRScorer:
             # deprecated (removed in 2.64) without another way to set it for an actor pool
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             return ray.data.from_arrow(blocks).map_batches(
-                self.actor_class, batch_size=EXAMPLES_PER_CALL, batch_format="numpy",
+                self.actor_class, batch_size=per_call, batch_format="numpy",
                 fn_constructor_kwargs={"checkpoint": self.checkpoint, "cfg": self.cfg},
                 compute=ray.data.ActorPoolStrategy(size=e.num_workers),
                 num_cpus=e.cpus_per_worker, num_gpus=1 if e.use_gpu else 0, max_restarts=0)
+
+
+def examples_per_call(total: int, workers: int) -> int:
+    """Examples per actor call in a pass of `total` examples over `workers` actors."""
+    return int(np.clip(-(-total // (max(1, workers) * CALLS_PER_WORKER)),
+                       MIN_PER_CALL, MAX_PER_CALL))
 
 
 def _unscored(blocks: list[pa.Table], scored: list[np.ndarray]) -> list[pa.Table]:
