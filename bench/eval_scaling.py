@@ -6,7 +6,9 @@ the single-process scorer beside them, on the same checkpoint, examples and cand
 
 Each distributed figure is wall time of one `score` call, actor start-up (model loading)
 included, as `gensr eval` pays it. The checkpoint is a seeded, untrained model export: speed
-does not depend on the weights. Prints the rates and last `ratio=<2 workers / 1 worker>`.
+does not depend on the weights. `--rounds R` repeats the 1-worker and 2-worker passes in
+turn, so that a drift of the machine's speed falls on both. Prints the rates, each round's
+ratio, and last `ratio=<2 workers / 1 worker>` (the median over rounds).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main() -> None:
                         help="examples (100 candidates each); the default is the size of the "
                              "demo's evaluation pass")
     parser.add_argument("--workers", type=int, default=2, help="the larger pool")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes of each pool size, alternated; the ratio is the median")
     args = parser.parse_args()
     quiet()
     import numpy as np
@@ -58,15 +62,19 @@ def main() -> None:
     n = len(candidates)
 
     ensure_ray(num_cpus=args.workers)
-    rates, scores = {}, {}
-    for workers in (1, args.workers):
-        scorer = DistributedGenSRScorer(str(checkpoint),
-                                        apply_overrides(cfg, {"eval.num_workers": workers}), {})
-        t0 = time.perf_counter()
-        scores[workers] = scorer.score(batch, candidates)
-        rates[workers] = n / (time.perf_counter() - t0)
-        print(f"{workers} worker(s): {rates[workers]:.1f} examples/s "
-              f"({n} examples x {candidates.shape[1]} candidates)", flush=True)
+    ratios, scores = [], {}
+    for round_ in range(args.rounds):
+        rates = {}
+        for workers in (1, args.workers):
+            scorer = DistributedGenSRScorer(
+                str(checkpoint), apply_overrides(cfg, {"eval.num_workers": workers}), {})
+            t0 = time.perf_counter()
+            scores[workers] = scorer.score(batch, candidates)
+            rates[workers] = n / (time.perf_counter() - t0)
+            print(f"{workers} worker(s): {rates[workers]:.1f} examples/s "
+                  f"({n} examples x {candidates.shape[1]} candidates)", flush=True)
+        ratios.append(rates[args.workers] / rates[1])
+        print(f"round {round_ + 1}: {args.workers} workers / 1 = {ratios[-1]:.2f}", flush=True)
 
     torch.set_num_threads(1)  # as one scoring worker runs
     model, backbone, local_cfg = load_for_eval(checkpoint, cfg)
@@ -77,7 +85,7 @@ def main() -> None:
           "examples/s", flush=True)
     diff = max(float(np.abs(s - reference).max()) for s in scores.values())
     print(f"largest score difference against the single process: {diff:.2e}")
-    print(f"ratio={rates[args.workers] / rates[1]:.2f}")
+    print(f"ratio={float(np.median(ratios)):.2f}")
 
 
 if __name__ == "__main__":
