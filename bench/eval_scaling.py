@@ -39,6 +39,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from gensr_ray.allocator import keep_freed_memory
     from gensr_ray.assemble import build_model, load_for_eval, resolve_config_backbone
     from gensr_ray.checkpoint import write_model_export
     from gensr_ray.config import GenSRConfig, apply_overrides
@@ -77,6 +78,7 @@ def main() -> None:
         print(f"round {round_ + 1}: {args.workers} workers / 1 = {ratios[-1]:.2f}", flush=True)
 
     torch.set_num_threads(1)  # as one scoring worker runs
+    keep_freed_memory()
     model, backbone, local_cfg = load_for_eval(checkpoint, cfg)
     single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=cfg.eval.batch_size)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (module prefix, layer): the longest matching prefix wins; higher layers import lower ones
 LAYERS = [
-    ("gensr_ray.config", 0), ("gensr_ray.atomic", 0),
+    ("gensr_ray.config", 0), ("gensr_ray.atomic", 0), ("gensr_ray.allocator", 0),
     ("gensr_ray.console", 0),
     ("gensr_ray.storage", 1), ("gensr_ray.ray_init", 1), ("gensr_ray.tracking", 1),
     ("gensr_ray.data.contract", 2),

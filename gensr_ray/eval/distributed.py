@@ -52,8 +52,10 @@ class _ScoringActor:
     def __init__(self, checkpoint: str, cfg: GenSRConfig):
         import torch
 
+        from gensr_ray.allocator import keep_freed_memory
         from gensr_ray.assemble import load_for_eval
 
+        keep_freed_memory()  # the same activations every forward: reuse, not fresh pages
         torch.set_num_threads(max(1, int(cfg.eval.cpus_per_worker)))
         model, backbone, cfg = load_for_eval(checkpoint, cfg)
         self.scorer = GenSRScorer(model, backbone, cfg, {}, depth=0,

@@ -62,6 +62,9 @@ def evaluate_run(checkpoint: str | Path | None = None, data: str | Path | None =
             scorers["gensr"] = DistributedGenSRScorer(
                 checkpoint, apply_overrides(cfg, {"data.path": str(source)}), stages)
         else:
+            from gensr_ray.allocator import keep_freed_memory
+
+            keep_freed_memory()  # as a scoring worker does
             model, backbone, cfg = load_for_eval(checkpoint, cfg)
             scorers["gensr"] = GenSRScorer(model, backbone, cfg, stages, cfg.eval.rerank_depth,
                                            cfg.eval.batch_size)
