@@ -2,13 +2,14 @@
 the single-process scorer beside them, on the same checkpoint, examples and candidates.
 
     python bench/eval_scaling.py                  # tiny Llama, title_text prompt, synthetic data
-    python bench/eval_scaling.py --examples 400 --backbone preset:smollm2-135m-L4
+    python bench/eval_scaling.py --rounds 1 --examples 400 --backbone preset:smollm2-135m-L4
 
 Each distributed figure is wall time of one `score` call, actor start-up (model loading)
 included, as `gensr eval` pays it. The checkpoint is a seeded, untrained model export: speed
-does not depend on the weights. `--rounds R` repeats the 1-worker and 2-worker passes in
-turn, so that a drift of the machine's speed falls on both. Prints the rates, each round's
-ratio, and last `ratio=<2 workers / 1 worker>` (the median over rounds).
+does not depend on the weights. The 1-worker and 2-worker passes are repeated in turn
+(`--rounds`, 3 by default: ~13 minutes on a 2-core machine), so that a drift of the
+machine's speed falls on both; one round's ratio moved by +-0.07 here. Prints the rates,
+each round's ratio, and last `ratio=<2 workers / 1 worker>` (the median over rounds).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
                         help="examples (100 candidates each); the default is the size of the "
                              "demo's evaluation pass")
     parser.add_argument("--workers", type=int, default=2, help="the larger pool")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="passes of each pool size, alternated; the ratio is the median")
     args = parser.parse_args()
     quiet()
