@@ -7,7 +7,7 @@ the single-process scorer beside them, on the same checkpoint, examples and cand
 Each distributed figure is wall time of one `score` call, actor start-up (model loading)
 included, as `gensr eval` pays it. The checkpoint is a seeded, untrained model export: speed
 does not depend on the weights. The 1-worker and 2-worker passes are repeated in turn
-(`--rounds`, 3 by default: ~13 minutes on a 2-core machine), so that a drift of the
+(`--rounds`, 3 by default: ~9 minutes on a 2-core machine), so that a drift of the
 machine's speed falls on both; one round's ratio moved by +-0.07 here. Prints the rates,
 each round's ratio, and last `ratio=<2 workers / 1 worker>` (the median over rounds).
 """
