@@ -11,23 +11,41 @@ from pathlib import Path
 
 import torch
 
-from gensr_ray.checkpoint import load_trainable, read_checkpoint_config
+from gensr_ray.checkpoint import load_trainable, read_checkpoint_config, read_vocabulary
 from gensr_ray.config import ConfigError, GenSRConfig
 from gensr_ray.data import contract
 from gensr_ray.inputs.build import vocabulary_texts
-from gensr_ray.model.backbone import RANDOM_PRESETS, Backbone, load_backbone, resolve_backbone
+from gensr_ray.model.backbone import (
+    RANDOM_PRESETS,
+    Backbone,
+    load_backbone,
+    preset_words,
+    resolve_backbone,
+)
 from gensr_ray.model.gensr import GenSR, apply_subspace
 
 
-def resolve_config_backbone(cfg: GenSRConfig) -> str:
+def resolve_config_backbone(cfg: GenSRConfig, words: list[str] | None = None) -> str:
     """The backbone as a local directory (presets are materialised once into the cache).
 
-    Random presets build their vocabulary from the dataset's texts."""
-    spec = cfg.model.backbone
-    random_preset = spec.removeprefix("preset:") in RANDOM_PRESETS
-    texts = vocabulary_texts(cfg.data.path, cfg.data.item_noun, cfg.data.item_noun_plural) \
-        if random_preset else None
-    return str(resolve_backbone(spec, texts))
+    Random presets build their vocabulary from the dataset's texts and the prompt templates,
+    or take `words` (a checkpoint's record: see `preset_vocabulary`)."""
+    if not is_random_preset(cfg):
+        return str(resolve_backbone(cfg.model.backbone))
+    texts = None if words is not None else vocabulary_texts(
+        cfg.data.path, cfg.data.item_noun, cfg.data.item_noun_plural)
+    return str(resolve_backbone(cfg.model.backbone, texts, words))
+
+
+def is_random_preset(cfg: GenSRConfig) -> bool:
+    return cfg.model.backbone.removeprefix("preset:") in RANDOM_PRESETS
+
+
+def preset_vocabulary(cfg: GenSRConfig, backbone_dir: str) -> list[str] | None:
+    """What a checkpoint records of its backbone: a random preset's words (its weights are
+    drawn from them and a seed, and stored nowhere), so that a template or data edit since
+    does not give the checkpoint other base weights; None for every other backbone."""
+    return preset_words(backbone_dir) if is_random_preset(cfg) else None
 
 
 def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
@@ -58,7 +76,7 @@ def build_model(cfg: GenSRConfig, backbone_dir: str) -> tuple[GenSR, Backbone]:
 def load_for_eval(checkpoint: str | Path, cfg: GenSRConfig | None = None):
     """(model in eval mode, backbone, config) rebuilt from a checkpoint on the CPU."""
     cfg = cfg or read_checkpoint_config(checkpoint)
-    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg, read_vocabulary(checkpoint)))
     weights = load_trainable(checkpoint)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(weights))

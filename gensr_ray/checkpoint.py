@@ -5,6 +5,7 @@ rebuilds the model from it).
                                       modules; the whole backbone under full fine-tuning)
     <checkpoint>/model/config.yaml    the run's full config
     <checkpoint>/model/state.json     step, epoch and the metrics at save time
+    <checkpoint>/model/vocabulary.json  a random preset's words (its frozen weights' seed)
     <checkpoint>/deepspeed/           engine state for resuming (optimizer, scheduler, step)
     <checkpoint>/manifest/rank-NNNNN.json   size and sha256 of every file rank NNNNN wrote
 
@@ -30,6 +31,7 @@ from gensr_ray.atomic import atomic_open, atomic_write_text
 from gensr_ray.config import ConfigError, GenSRConfig, from_dict, read_yaml
 
 TRAINABLE = "trainable.pt"
+VOCABULARY = "vocabulary.json"
 SUMMARY = "train_summary.json"  # in a `gensr train --out` directory: the final checkpoint
 METRICS = "metrics.jsonl"  # in a run's storage directory: every report, one JSON line each
 MANIFESTS = "manifest"
@@ -204,6 +206,20 @@ def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
             "data.allow_change) if you mean to use it on this data")
 
 
+def check_same_vocabulary(checkpoint: str | Path, current: list[str] | None, backbone: str,
+                          where: str) -> None:
+    """Refuse to resume a random preset on other words than it started with: its frozen
+    weights are drawn from them, so the checkpoint's weights would meet other ones."""
+    recorded = read_vocabulary(checkpoint)
+    if recorded is None or current is None or recorded == current:
+        return
+    raise CheckpointError(
+        f"{where} was trained on {backbone} with a vocabulary of {len(recorded)} words; this "
+        f"run builds one of {len(current)} from the dataset's texts and the prompt templates, "
+        "which changed since. A run resumes only on the backbone it started with (`gensr "
+        "eval` rebuilds it from the checkpoint's record)")
+
+
 def _listing(directory: str, directories: bool = False) -> list[str]:
     import pyarrow.fs
 
@@ -222,12 +238,31 @@ def _sha256(path: Path) -> str:
 
 
 def write_model_export(directory: Path, weights: dict[str, torch.Tensor], cfg: GenSRConfig,
-                       state: dict) -> None:
+                       state: dict, vocabulary: list[str] | None = None) -> None:
+    """The trainable weights, config and state; `vocabulary`: a random preset's words
+    (`assemble.preset_vocabulary`), from which its frozen weights are rebuilt."""
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_open(directory / TRAINABLE, "wb") as f:
         torch.save(weights, f)
     atomic_write_text(directory / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     atomic_write_text(directory / "state.json", json.dumps(state, indent=2, default=float) + "\n")
+    if vocabulary is not None:
+        atomic_write_text(directory / VOCABULARY, json.dumps(vocabulary) + "\n")
+
+
+def read_vocabulary(checkpoint: str | Path) -> list[str] | None:
+    """The random preset's words a checkpoint recorded; None when it recorded none (another
+    backbone, or a checkpoint written before checkpoints recorded them)."""
+    path = model_dir(checkpoint) / VOCABULARY
+    if not path.is_file():
+        return None
+    try:
+        words = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a JSON list of words ({exc})") from None
+    if not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
+        raise CheckpointError(f"{path}: not a JSON list of words")
+    return words
 
 
 def model_dir(checkpoint: str | Path) -> Path:

@@ -15,7 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gensr_ray.checkpoint import CheckpointError, checkpoints
+from gensr_ray.checkpoint import (
+    CheckpointError,
+    check_same_vocabulary,
+    checkpoints,
+    read_vocabulary,
+)
 from gensr_ray.cli import main
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.data import contract
@@ -232,6 +237,25 @@ def test_a_damaged_checkpoint_config_is_a_checkpoint_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert f"{export / 'config.yaml'}: line" in err and "Traceback" not in err
+
+
+def test_a_random_preset_resumes_only_on_the_words_it_started_with(tmp_path):
+    export = tmp_path / "ckpt" / "model"
+    export.mkdir(parents=True)
+    assert read_vocabulary(tmp_path / "ckpt") is None  # recorded nothing: nothing to check
+    check_same_vocabulary(tmp_path / "ckpt", ["a", "b"], "preset:tiny-llama", "checkpoint c")
+    (export / "vocabulary.json").write_text(json.dumps(["a", "b"]))
+    check_same_vocabulary(tmp_path / "ckpt", ["a", "b"], "preset:tiny-llama", "checkpoint c")
+    check_same_vocabulary(tmp_path / "ckpt", None, "preset:smollm2-135m", "checkpoint c")
+    with pytest.raises(CheckpointError, match=r"checkpoint c was trained on preset:tiny-llama "
+                                              r"with a vocabulary of 2 words; this run builds "
+                                              r"one of 3"):
+        check_same_vocabulary(tmp_path / "ckpt", ["a", "b", "c"], "preset:tiny-llama",
+                              "checkpoint c")
+    for damaged in ("[unclosed", json.dumps({"a": 1}), json.dumps([]), json.dumps(["a", 2])):
+        (export / "vocabulary.json").write_text(damaged)
+        with pytest.raises(CheckpointError, match="vocabulary.json: not a JSON list of words"):
+            read_vocabulary(tmp_path / "ckpt")
 
 
 # -- a killed driver's local cluster ------------------------------------------------------

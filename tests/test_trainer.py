@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from gensr_ray.assemble import build_model, load_for_eval, resolve_config_backbone
-from gensr_ray.checkpoint import model_dir
+from gensr_ray.checkpoint import model_dir, read_vocabulary
 from gensr_ray.config import GenSRConfig, apply_overrides
 from gensr_ray.data import contract
 from gensr_ray.data.synthetic import SyntheticOptions, generate_synthetic
 from gensr_ray.data.writer import RawDataset, WriteOptions, write_dataset
-from gensr_ray.inputs.build import build_features
+from gensr_ray.inputs.build import build_features, vocabulary_texts
+from gensr_ray.model.backbone import preset_words
 from gensr_ray.model.losses import answer_score
 from gensr_ray.train.launch import run_location, run_training
 
@@ -50,7 +52,8 @@ def _probe_scores(model, backbone, cfg, n: int = 6) -> torch.Tensor:
         return answer_score(model.eval()(collate(rows))["logits"])
 
 
-def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthetic, tmp_path):
+def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthetic, tmp_path,
+                                                             monkeypatch):
     cfg = _config(synthetic, **{"train.max_steps": 16, "train.checkpoint_every": 8,
                                 "train.conflict_every": 8, "train.conflict_examples": 4})
     out = tmp_path / "run"
@@ -90,6 +93,26 @@ def test_two_worker_zero3_run_learns_saves_loads_and_resumes(ray_cluster, synthe
                                _probe_scores(reference, backbone, cfg), rtol=0, atol=1e-5)
     state = json.loads((model_dir(ckpt) / "state.json").read_text())
     assert state["step"] == 16
+
+    # the tiny preset's frozen weights are drawn from its vocabulary, which the checkpoint
+    # records: after an edit that adds a word to the templates (or the data), evaluation
+    # still rebuilds the backbone the run trained on; without the record, the LoRA weights
+    # would load onto other random weights, without an error
+    words = read_vocabulary(ckpt)
+    assert words == preset_words(resolve_config_backbone(cfg))
+    scores = _probe_scores(model, backbone, cfg)
+    texts = vocabulary_texts(cfg.data.path)
+    monkeypatch.setattr("gensr_ray.assemble.vocabulary_texts", lambda *_: texts + ["zyzzyva"])
+    assert len(preset_words(resolve_config_backbone(cfg))) == len(words) + 1
+    rebuilt, rebuilt_backbone, _ = load_for_eval(ckpt)
+    torch.testing.assert_close(_probe_scores(rebuilt, rebuilt_backbone, cfg), scores,
+                               rtol=0, atol=0)
+    unrecorded = tmp_path / "unrecorded"  # a checkpoint without the record
+    shutil.copytree(ckpt, unrecorded)
+    (model_dir(unrecorded) / "vocabulary.json").unlink()
+    redrawn, redrawn_backbone, _ = load_for_eval(unrecorded)
+    assert not torch.allclose(_probe_scores(redrawn, redrawn_backbone, cfg), scores)
+    monkeypatch.undo()
 
     # same --out again with a higher step budget: resumes from step 16, does not restart
     resumed = run_training(apply_overrides(cfg, {"train.max_steps": 20}), out)

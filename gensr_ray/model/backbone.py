@@ -42,11 +42,12 @@ class Backbone:
     no_id: int
 
 
-def resolve_backbone(spec: str, vocab_texts=None) -> Path:
+def resolve_backbone(spec: str, vocab_texts=None, words: list[str] | None = None) -> Path:
     """Return a local directory holding the backbone `spec`, materialising presets once.
 
-    `vocab_texts` (an iterable of strings) is required for random presets: their word-level
-    vocabulary is built from it, and the cache key includes it.
+    Random presets need their word-level vocabulary: `words` as a checkpoint recorded it
+    (`preset_words`), else built from `vocab_texts` (an iterable of strings). The cache key
+    includes it, and with it the random weights drawn.
     """
     if not spec.startswith("preset:"):
         # a URI (s3://, gs://) is copied once into this node's cache
@@ -60,9 +61,10 @@ def resolve_backbone(spec: str, vocab_texts=None) -> Path:
         return path
     name = spec.removeprefix("preset:")
     if name in RANDOM_PRESETS:
-        if vocab_texts is None:
-            raise ValueError(f"{spec} needs the dataset's texts to build its vocabulary")
-        words = build_vocabulary(vocab_texts)
+        if words is None:
+            if vocab_texts is None:
+                raise ValueError(f"{spec} needs the dataset's texts to build its vocabulary")
+            words = build_vocabulary(vocab_texts)
         key = hashlib.sha256(json.dumps([name, TINY_SEED, words]).encode()).hexdigest()[:12]
         target = cache_root() / "backbones" / f"{name}-{key}"
         return _materialise(target, lambda d: _build_tiny(name, words, d))
@@ -95,6 +97,16 @@ def build_vocabulary(texts) -> list[str]:
         if text:
             words.update(_WORD.findall(text.lower()))
     return sorted(words)
+
+
+def preset_words(path: str | Path) -> list[str]:
+    """The words a random preset's directory was built from (`resolve_backbone(words=)`
+    rebuilds it), read from its word-level tokenizer."""
+    vocab = json.loads((Path(path) / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    if tokens[:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+        raise ValueError(f"{path}: not a random preset's word-level tokenizer")
+    return tokens[len(SPECIAL_TOKENS):]
 
 
 def _build_tiny(name: str, words: list[str], out: Path) -> None:

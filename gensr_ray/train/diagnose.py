@@ -23,7 +23,12 @@ from pathlib import Path
 
 from gensr_ray import storage
 from gensr_ray.assemble import build_model, resolve_config_backbone
-from gensr_ray.checkpoint import load_trainable, read_checkpoint_config, resolve_checkpoint
+from gensr_ray.checkpoint import (
+    load_trainable,
+    read_checkpoint_config,
+    read_vocabulary,
+    resolve_checkpoint,
+)
 from gensr_ray.config import ConfigError, GenSRConfig, apply_overrides
 from gensr_ray.inputs.build import build_features
 from gensr_ray.ray_init import ensure_ray, object_store_bytes
@@ -36,7 +41,8 @@ def diagnose_loop_per_worker(config: dict) -> None:
 
     cfg: GenSRConfig = config["cfg"]
     strategy = Strategy(cfg)
-    model, backbone = build_model(cfg, resolve_config_backbone(cfg))
+    words = read_vocabulary(config["checkpoint"])  # a random preset as it was trained
+    model, backbone = build_model(cfg, resolve_config_backbone(cfg, words))
     model.load_state_dict(load_trainable(config["checkpoint"]), strict=False)
     encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
     engine = strategy.prepare(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from gensr_ray.assemble import build_model, resolve_config_backbone
+from gensr_ray.assemble import build_model, preset_vocabulary, resolve_config_backbone
 from gensr_ray.config import GenSRConfig
 from gensr_ray.data.contract import local_root
 from gensr_ray.inputs.build import build_features
@@ -37,7 +37,7 @@ def _train(cfg: GenSRConfig, strategy: Strategy, data: dict | None) -> None:
     # this node's copy of the backbone (presets built, URIs mirrored, once per node)
     model, backbone = build_model(cfg, resolve_config_backbone(cfg))
     encoder, collate = build_features(cfg, backbone.tokenizer, backbone.kind)
-    engine = strategy.prepare(model)
+    engine = strategy.prepare(model, preset_vocabulary(cfg, backbone.path))
     state = strategy.restore(data) or {"step": 0, "epoch": 0, "micro": 0}
     step, first_epoch, skip = state["step"], state["epoch"], state["micro"]
     resumed_from = step  # 0 for a fresh run; reported so restarts are visible in the metrics

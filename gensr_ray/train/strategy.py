@@ -24,6 +24,7 @@ from gensr_ray.checkpoint import (
     METRICS,
     CheckpointError,
     check_same_data,
+    check_same_vocabulary,
     checkpoint_name,
     checkpoints,
     prune_checkpoints,
@@ -166,6 +167,7 @@ class Strategy:
         self.loggers = RunLoggers(cfg.log, cfg.to_dict(), **(loggers or {})) \
             if self.rank == 0 and (cfg.log.wandb or cfg.log.mlflow) else None
         self.engine = None
+        self.vocabulary: list[str] | None = None  # a random preset's words (see prepare)
         self._init_process_group()
 
     # -- set-up -------------------------------------------------------------------------
@@ -206,10 +208,12 @@ class Strategy:
     def is_rank_0(self) -> bool:
         return self.rank == 0
 
-    def prepare(self, model: torch.nn.Module):
-        """Wrap the model in a DeepSpeed engine (ZeRO partitioning, optimizer, scheduler)."""
+    def prepare(self, model: torch.nn.Module, vocabulary: list[str] | None = None):
+        """Wrap the model in a DeepSpeed engine (ZeRO partitioning, optimizer, scheduler).
+        `vocabulary`: the backbone's record for checkpoints (`assemble.preset_vocabulary`)."""
         import deepspeed
 
+        self.vocabulary = vocabulary
         check_precision_supported(self.cfg.scale.precision)
         if self.cfg.scale.zero_stage == 3:
             # GenSR reads the Yes/No rows of the LM head outside the head's own forward
@@ -353,7 +357,8 @@ class Strategy:
                 if self.is_rank_0:
                     weights[name] = param.detach().to("cpu", torch.float32, copy=True)
         if self.is_rank_0:
-            write_model_export(directory / CHECKPOINT_MODEL, weights, self.cfg, state)
+            write_model_export(directory / CHECKPOINT_MODEL, weights, self.cfg, state,
+                               self.vocabulary)
         write_manifest(directory, self.rank, self.world_size)  # last: what this rank wrote
 
     def restore(self, data: dict | None = None) -> dict | None:
@@ -384,6 +389,8 @@ class Strategy:
                     log.warning("rank %d: skipping checkpoint: %s", self.rank, exc)
                     skipped.append(str(exc))
                     continue
+                check_same_vocabulary(Path(directory), self.vocabulary, self.cfg.model.backbone,
+                                      f"checkpoint {checkpoint.path}")
                 state = self.load(Path(directory))
             if not self.cfg.data.allow_change:
                 check_same_data(state.get("data"), data or {}, f"checkpoint {checkpoint.path}")
