@@ -5,8 +5,9 @@ unmapped, and a heap's free top beyond the trim threshold is released), and the 
 allocation of that size faults in fresh zeroed pages. Both thresholds move with the
 allocation history, so whether a process does this depends on what it allocated first. A
 scoring worker allocates the same activations every forward: measured on the CPU scorer
-(`perf stat`), a worker page-faulted 34-40k times a second and spent up to 7 % of its time in
-the kernel, while another worker of the same pass faulted 16 times a second.
+(`perf stat`), the workers of a 2-worker pass page-faulted 34-40k times a second each, the
+worker of the 1-worker pass before them 16 times a second, and the same in-process scoring
+loop spent 1-7 % of its time in the kernel from one run to the next.
 
 Fixed thresholds end the drift: blocks up to 32 MiB (glibc's largest threshold on 64-bit)
 come from the heap and are reused, and up to 1 GiB of free heap is kept. The cost is that a
