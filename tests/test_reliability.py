@@ -242,6 +242,7 @@ def test_a_damaged_checkpoint_config_is_a_checkpoint_error(tmp_path, capsys):
 def test_a_random_preset_resumes_only_on_the_words_it_started_with(tmp_path):
     export = tmp_path / "ckpt" / "model"
     export.mkdir(parents=True)
+    (export / "trainable.pt").write_bytes(b"")  # what makes it a checkpoint to the readers
     assert read_vocabulary(tmp_path / "ckpt") is None  # recorded nothing: nothing to check
     check_same_vocabulary(tmp_path / "ckpt", ["a", "b"], "preset:tiny-llama", "checkpoint c")
     (export / "vocabulary.json").write_text(json.dumps(["a", "b"]))
