@@ -67,19 +67,25 @@ def test_a_pass_over_requests_of_different_widths_keeps_each_in_place(ray_cluste
     make a call that spans both requests, whose candidate lists are 7 and 3 wide."""
     path, cfg = checkpoint
     assert examples_per_call(20, cfg.eval.num_workers) == 16
+    pooled, single = _pooled_and_single(path, cfg, widths=(7, 3))
+    assert [p.shape for p in pooled] == [(11, 7), (9, 3)]
+    for scores, reference in zip(pooled, single):
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-5)
+
+
+def _pooled_and_single(path: Path, cfg: GenSRConfig, widths: tuple[int, int]):
+    """11 search and 9 rec test examples as two requests whose candidate lists are `widths`
+    wide: their scores from one pass over the pool, and from the single-process scorer."""
     examples = load_eval_examples(Path(cfg.data.path), "test", max_examples=20)
-    search, rec = examples["search"], examples["rec"]
-    first = {k: v[:11] for k, v in search.items()}
-    second = {k: v[:9] for k, v in rec.items()}
-    wide = np.concatenate([first["target"][:, None], first["negatives"][:, :6]], axis=1)
-    narrow = np.concatenate([second["target"][:, None], second["negatives"][:, :2]], axis=1)
+    requests = []
+    for task, n, width in (("search", 11, widths[0]), ("rec", 9, widths[1])):
+        batch = {k: v[:n] for k, v in examples[task].items()}
+        requests.append((batch, np.concatenate([batch["target"][:, None],
+                                                batch["negatives"][:, :width - 1]], axis=1)))
     model, backbone, local_cfg = load_for_eval(path, cfg)
     single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
-    pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many([(first, wide),
-                                                                    (second, narrow)])
-    assert [p.shape for p in pooled] == [(11, 7), (9, 3)]
-    np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
+    pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many(requests)
+    return pooled, [single.score(batch, candidates) for batch, candidates in requests]
 
 
 def test_calls_grow_with_the_pass_within_their_bounds():
@@ -99,17 +105,10 @@ def test_a_pass_cut_into_calls_that_end_mid_request_keeps_every_score(ray_cluste
     monkeypatch.setattr(distributed, "MIN_PER_CALL", 1)
     monkeypatch.setattr(distributed, "CALLS_PER_WORKER", 2)
     assert examples_per_call(20, cfg.eval.num_workers) == 5
-    examples = load_eval_examples(Path(cfg.data.path), "test", max_examples=20)
-    first = {k: v[:11] for k, v in examples["search"].items()}
-    second = {k: v[:9] for k, v in examples["rec"].items()}
-    wide = np.concatenate([first["target"][:, None], first["negatives"][:, :4]], axis=1)
-    narrow = np.concatenate([second["target"][:, None], second["negatives"][:, :2]], axis=1)
-    model, backbone, local_cfg = load_for_eval(path, cfg)
-    single = GenSRScorer(model, backbone, local_cfg, {}, depth=0, batch_size=64)
-    pooled = DistributedGenSRScorer(str(path), cfg, {}).score_many([(first, wide),
-                                                                    (second, narrow)])
-    np.testing.assert_allclose(pooled[0], single.score(first, wide), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(pooled[1], single.score(second, narrow), rtol=0, atol=1e-5)
+    pooled, single = _pooled_and_single(path, cfg, widths=(5, 3))
+    assert [p.shape for p in pooled] == [(11, 5), (9, 3)]
+    for scores, reference in zip(pooled, single):
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-5)
 
 
 class _DiesOnce(_ScoringActor):
