@@ -38,6 +38,7 @@ def resolve_config_backbone(cfg: GenSRConfig, words: list[str] | None = None) ->
 
 
 def is_random_preset(cfg: GenSRConfig) -> bool:
+    """A preset whose weights are drawn at random from a seed and the dataset's words."""
     return cfg.model.backbone.removeprefix("preset:") in RANDOM_PRESETS
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from gensr_ray.assemble import load_for_eval, resolve_config_backbone
+from gensr_ray.assemble import is_random_preset, load_for_eval, resolve_config_backbone
 from gensr_ray.checkpoint import model_dir, read_checkpoint_config, resolve_checkpoint
 from gensr_ray.config import GenSRConfig, from_dict, read_yaml
-from gensr_ray.model.backbone import RANDOM_PRESETS, load_backbone
+from gensr_ray.model.backbone import load_backbone
 from gensr_ray.model.gensr import SUBSPACES, GenSR, route_default
 
 MODULES = "gensr_modules.safetensors"
@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: str | Path, out: Path, which: str = "best") ->
         if not adapters:  # full fine-tuning: the backbone itself is the trained model
             model.lm.save_pretrained(tmp / "backbone", safe_serialization=True)
             backbone.tokenizer.save_pretrained(tmp / "backbone")
-        elif _random_preset(cfg):
+        elif is_random_preset(cfg):
             shutil.copytree(backbone.path, tmp / "backbone")
         modules = {n: p.detach().contiguous() for n, p in model.named_parameters()
                    if p.requires_grad and not n.startswith("lm.")}
@@ -84,10 +84,6 @@ def export_checkpoint(checkpoint: str | Path, out: Path, which: str = "best") ->
     return out
 
 
-def _random_preset(cfg: GenSRConfig) -> bool:
-    return cfg.model.backbone.removeprefix("preset:") in RANDOM_PRESETS
-
-
 def _write_adapter(directory: Path, name: str, lm_weights: dict, cfg: GenSRConfig) -> None:
     """peft's save_pretrained layout: keys as PeftModel names them, the adapter name left
     out (peft puts it back at load time)."""
@@ -102,7 +98,7 @@ def _write_adapter(directory: Path, name: str, lm_weights: dict, cfg: GenSRConfi
     m = cfg.model
     config = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                         target_modules=list(m.lora_targets),
-                        base_model_name_or_path="backbone" if _random_preset(cfg)
+                        base_model_name_or_path="backbone" if is_random_preset(cfg)
                         else m.backbone)
     directory.mkdir(parents=True)
     config.save_pretrained(str(directory))
@@ -150,7 +146,7 @@ def model_card(cfg: GenSRConfig, state: dict, checkpoint: str, adapters: list[st
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(shown.items())
                      if isinstance(v, (int, float))) or "| (none recorded) | |"
     base = ("`backbone/` (the fine-tuned model)" if not adapters else
-            "`backbone/` (random preset weights)" if _random_preset(cfg) else
+            "`backbone/` (random preset weights)" if is_random_preset(cfg) else
             f"`{cfg.model.backbone}`")
     data = state.get("data") or {}
     return f"""---
